@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`.
+# Installs into the active Python environment (make a venv first if you want isolation: python -m venv .venv && . .venv/bin/activate).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# torch is pinned: the CPU wheel here. GPU users: install the torch build for their CUDA first and run `make install TORCH=`.
+TORCH ?= torch==2.13.0
+
+.PHONY: install install-test data demo test test-fast clean
+
+install:
+	$(if $(TORCH),$(PIP) install $(TORCH))
+	$(PIP) install -e .
+
+install-test: install
+	$(PIP) install -e ".[test]"
+
+data:
+	$(PYTHON) scripts/prepare_data.py lm_sample
+
+demo: install data
+	$(PYTHON) run.py
+
+test: install-test
+	$(PYTHON) -m pytest
+
+test-fast: install-test
+	$(PYTHON) -m pytest -m "not slow"
+
+clean:
+	rm -rf outputs multirun lightning_logs .pytest_cache

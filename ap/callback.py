@@ -1,0 +1,139 @@
+"""``AttentionPruning``: the Lightning callback that turns a dense model into an AP-pruned one.
+
+Attach it to the trainer of the fine-tune stage. At ``on_fit_start`` it
+1. gets a ``MaskSet``: restored from a resumed checkpoint, loaded from ``masks_path``, thresholded from saved
+   statistics (``stats_path``), or calibrated: one pass over the train split (eval mode, no gradients), statistics
+   all-reduced across DDP ranks, then thresholded;
+2. writes ``stats.pt``, ``masks.pt`` and heatmaps into ``output_dir`` (rank zero; existing files are never overwritten);
+3. re-initialises the weights if ``reinit`` (the paper's LM/MT recipe), and installs the masks into every site.
+Masks travel in Lightning checkpoints (``state_dict``) and are re-installed on resume.
+
+The LightningModule must expose ``model`` (the ``nn.Module`` holding the ``AttentionSite``\\ s) and
+``calibration_forward(batch)``; ``reinitialize()`` is needed for ``reinit=True``. The datamodule's
+``calibration_dataloader()`` is used when present (a fixed-order train loader), else ``train_dataloader()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from tqdm.auto import tqdm
+
+from ap.core import APError, AttentionStats, MaskSet, calibrate, find_sites, make_maskset
+
+log = logging.getLogger(__name__)
+
+
+class AttentionPruning(pl.Callback):
+    def __init__(
+        self,
+        sparsity: float | dict[str, float] = 0.9,
+        scope: str = "layer",
+        policy: str = "ap",
+        seed: int = 0,
+        calibration_batches: Optional[int] = None,
+        reinit: bool = False,
+        masks_path: Optional[str] = None,
+        stats_path: Optional[str] = None,
+        output_dir: Optional[str] = None,
+        heatmaps: bool = True,
+        config: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.sparsity, self.scope, self.policy, self.seed = sparsity, scope, policy, seed
+        self.calibration_batches, self.reinit = calibration_batches, reinit
+        self.masks_path, self.stats_path = masks_path, stats_path
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.heatmaps, self.config = heatmaps, config or {}
+        self.masks: Optional[MaskSet] = None
+        self.stats: Optional[AttentionStats] = None
+        self.timing: dict[str, float] = {}
+
+    # --- stages ------------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = _pruned_model(pl_module)
+        if self.masks is not None:  # restored from a checkpoint (resume)
+            log.info("AttentionPruning: masks restored from the checkpoint")
+        elif self.masks_path:
+            self.masks = MaskSet.load(self.masks_path)
+            self.masks.validate(model)
+            log.info(f"AttentionPruning: masks loaded from {self.masks_path}")
+        else:
+            if self.stats_path:
+                self.stats = AttentionStats.load(self.stats_path)
+                log.info(f"AttentionPruning: statistics loaded from {self.stats_path}")
+            else:
+                t0 = time.perf_counter()
+                self.stats = self.calibrate(trainer, pl_module)
+                self.timing["calibrate_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.masks = make_maskset(self.stats, model, self.sparsity, scope=self.scope, policy=self.policy,
+                                      seed=self.seed, config=self.config)
+            self.timing["threshold_s"] = time.perf_counter() - t0
+            if self.reinit:
+                _require(pl_module, "reinitialize", "pruning.reinit=true")
+                pl_module.reinitialize()
+                log.info("AttentionPruning: weights re-initialised (training from scratch with masks)")
+        self._write(trainer)
+        self.masks.install(model)
+        log.info(f"AttentionPruning: masks installed in {len(self.masks.masks)} sites, "
+                 f"{self.masks.meta['achieved']['overall']:.1%} of valid attention pruned\n{self.masks.report()}")
+
+    def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AttentionStats:
+        """One pass over the train split; under DDP each rank takes every ``world_size``-th batch, then all-reduce."""
+        _require(pl_module, "calibration_forward", "calibration")
+        dm = trainer.datamodule
+        if dm is None:
+            raise APError("AttentionPruning calibrates on the datamodule's train split: pass a LightningDataModule to fit")
+        loader = dm.calibration_dataloader() if hasattr(dm, "calibration_dataloader") else dm.train_dataloader()
+        rank, world = trainer.global_rank, trainer.world_size
+        n = len(loader) if self.calibration_batches is None else min(len(loader), self.calibration_batches)
+        batches = (b for i, b in enumerate(loader) if i < n and i % world == rank)
+        bar = tqdm(batches, total=len(range(rank, n, world)), desc="calibrate", leave=False,
+                   disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)
+        stats = calibrate(_pruned_model(pl_module), bar,
+                          lambda batch: pl_module.calibration_forward(trainer.strategy.batch_to_device(batch)))
+        stats.all_reduce()
+        log.info(f"AttentionPruning: calibrated on {stats.batches} train batches, {stats.tokens:,} tokens")
+        return stats
+
+    def _write(self, trainer: pl.Trainer) -> None:
+        if self.output_dir is None or not trainer.is_global_zero:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.stats is not None and not self.stats_path:  # freshly calibrated
+            _save_new(self.output_dir / "stats.pt", self.stats.save)
+        _save_new(self.output_dir / "masks.pt", self.masks.save)
+        if self.heatmaps:
+            means = {n: self.stats.mean(n) for n in self.masks.masks} if self.stats is not None else None
+            self.masks.heatmaps(self.output_dir / "heatmaps", means)
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks.to_dict()} if self.masks is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("masks"):
+            self.masks = MaskSet.from_dict(state_dict["masks"], source="checkpoint")
+
+
+def _pruned_model(pl_module: pl.LightningModule) -> Any:
+    model = getattr(pl_module, "model", None)
+    if model is None or not find_sites(model):
+        raise APError(f"{type(pl_module).__name__}.model has no AttentionSite modules: nothing can be pruned")
+    return model
+
+
+def _require(pl_module: pl.LightningModule, method: str, what: str) -> None:
+    if not callable(getattr(pl_module, method, None)):
+        raise APError(f"{type(pl_module).__name__} has no {method}() method, needed for {what}")
+
+
+def _save_new(path: Path, save: Any) -> None:
+    """Save with ``save(path)`` unless ``path`` exists (never overwrite earlier results)."""
+    if path.exists():
+        raise APError(f"{path} already exists; choose a new output directory (hydra.run.dir=...)")
+    save(path)

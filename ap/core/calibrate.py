@@ -1,0 +1,99 @@
+"""The AP recipe as plain-PyTorch functions: calibrate a model, then turn statistics into a ``MaskSet``.
+
+    stats = calibrate(model, train_batches, lambda batch: model(batch["input"]))
+    masks = make_maskset(stats, model, sparsity=0.9)        # scope "layer", policy "ap"
+    masks.install(model)                                   # every AttentionSite now applies its mask
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .errors import MaskError
+from .masks import MaskSet, signature_difference
+from .sites import AttentionSite, find_sites, model_signature
+from .stats import AttentionStats
+from .threshold import achieved_sparsity, build_masks
+
+
+@contextmanager
+def recording(model: nn.Module, stats: AttentionStats) -> Iterator[AttentionStats]:
+    """Make every site of ``model`` compute probabilities (eager backend) and add them to ``stats``."""
+    sites = find_sites(model)
+    first = next(iter(sites), None)
+
+    def record(site: AttentionSite, probs: Tensor, q_pos: Tensor, k_pos: Tensor) -> None:
+        stats.record(site, probs, q_pos, k_pos)
+        if site.name == first:  # calibration tokens = real queries seen by the first site
+            stats.tokens += int((q_pos >= 0).sum()) * (probs.shape[0] if q_pos.shape[0] == 1 else 1)
+
+    for site in sites.values():
+        stats.add_site(site.name, site.kind, site.n_heads, site.max_q, site.max_k)
+        site.recorder = record
+    try:
+        yield stats
+    finally:
+        for site in sites.values():
+            site.recorder = None
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[Any], Any],
+    max_batches: Optional[int] = None,
+    stats: Optional[AttentionStats] = None,
+) -> AttentionStats:
+    """One pass of ``forward(batch)`` over ``batches`` in eval mode without gradients, recording attention statistics.
+
+    Weights are untouched; the previous train/eval mode is restored afterwards (also on error).
+    """
+    stats = stats if stats is not None else AttentionStats()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), recording(model, stats):
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                forward(batch)
+                stats.batches += 1
+    finally:
+        model.train(was_training)
+    return stats
+
+
+def make_maskset(
+    stats: AttentionStats,
+    model: nn.Module,
+    sparsity: float | dict[str, float],
+    scope: str = "layer",
+    policy: str = "ap",
+    seed: int = 0,
+    split: str = "train",
+    config: Optional[dict[str, Any]] = None,
+) -> MaskSet:
+    """Threshold ``stats`` into a ``MaskSet`` for ``model`` with the full mask-file metadata."""
+    signature = model_signature(model)
+    diff = signature_difference(stats.signature(), signature["sites"])
+    if diff:
+        raise MaskError(f"statistics do not fit this model: {diff}")
+    masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed)
+    meta = {
+        "model": signature,
+        "sparsity": sparsity,
+        "scope": scope,
+        "policy": policy,
+        "seed": seed,
+        "achieved": achieved_sparsity(masks, stats),
+        "calibration": {"split": split, "batches": stats.batches, "tokens": stats.tokens},
+        "block_size": 0,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config or {},
+    }
+    return MaskSet(masks, meta)

@@ -1,0 +1,151 @@
+"""``AttentionSite``: the one attention module. Every attention call of an AP model goes through a site.
+
+A site holds no parameters. A model computes ``q, k, v`` with its own projections and calls its site; the site
+- applies the installed AP mask (if any), aligned to *real token positions* whatever the padding side,
+- runs the configured backend (``ap.core.attention``),
+- during calibration hands the attention probabilities to a recorder (``AttentionStats``).
+
+A site's name is its dotted module path in the model (``blocks.0.attn.site``); ``find_sites`` binds the names.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .attention import attention
+from .errors import MaskError
+
+
+class SiteKind(str, Enum):
+    ENC_SELF = "enc_self"  # bidirectional self-attention
+    DEC_SELF = "dec_self"  # causal self-attention
+    CROSS = "cross"  # decoder queries attend to encoder keys
+
+    @property
+    def causal(self) -> bool:
+        return self is SiteKind.DEC_SELF
+
+
+# recorder(site, probs (B, H, Tq, Tk), q_pos (B|1, Tq), k_pos (B|1, Tk)); positions are -1 at padding.
+Recorder = Callable[["AttentionSite", Tensor, Tensor, Tensor], None]
+
+
+def real_positions(padding: Optional[Tensor], length: int, offset: int = 0, device: torch.device | None = None) -> Tensor:
+    """Position of each token among the real tokens of its row: ``(B, T)`` long, -1 at padding (True in ``padding``).
+
+    Without padding: ``(1, T)`` = ``offset + arange(T)``.
+    """
+    if padding is None:
+        return (torch.arange(length, device=device) + offset)[None, :]  # (1, T)
+    real = ~padding  # (B, T)
+    pos = real.long().cumsum(dim=1) - 1 + offset  # (B, T)
+    return pos.masked_fill(padding, -1)
+
+
+class AttentionSite(nn.Module):
+    """An attention call site of ``kind`` with ``n_heads`` heads over at most ``max_q`` queries × ``max_k`` keys."""
+
+    def __init__(self, kind: SiteKind | str, n_heads: int, max_q: int, max_k: int, backend: str = "sdpa") -> None:
+        super().__init__()
+        self.kind = SiteKind(kind)
+        self.n_heads, self.max_q, self.max_k = n_heads, max_q, max_k
+        self.backend = backend
+        self.name = ""  # bound by find_sites
+        self.recorder: Optional[Recorder] = None
+        self.register_buffer("mask", None, persistent=False)  # (H, Q, K) bool, True = keep; masks travel in MaskSet
+
+    # --- masks -------------------------------------------------------------------------------------------------
+    def set_mask(self, mask: Optional[Tensor]) -> None:
+        """Install a bool ``(n_heads, Q, K)`` keep-mask (``None`` removes it). Raises if it cannot be applied."""
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise MaskError(f"site {self.name!r}: mask must be bool (True = keep), got {mask.dtype}")
+            if mask.dim() != 3 or mask.shape[0] != self.n_heads:
+                raise MaskError(f"site {self.name!r}: mask shape {tuple(mask.shape)} does not fit "
+                                f"({self.n_heads} heads, queries, keys)")
+        self.mask = mask  # a registered buffer: moves with model.to(device)
+
+    def _aligned_mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """The installed mask at the given real positions: ``(1|B, H, Tq, Tk)``."""
+        if self.mask.device != q_pos.device:
+            self.mask = self.mask.to(q_pos.device)
+        m = self.mask  # (H, Q, K)
+        if int(q_pos.max()) >= m.shape[1] or int(k_pos.max()) >= m.shape[2]:
+            raise MaskError(f"site {self.name!r}: input reaches query position {int(q_pos.max())} / key position "
+                            f"{int(k_pos.max())} but the mask covers {m.shape[1]}x{m.shape[2]}; rebuild masks for a "
+                            f"longer max length")
+        if q_pos.shape[0] == 1 and k_pos.shape[0] == 1:  # no padding: a slice
+            q0, k0 = int(q_pos[0, 0]), int(k_pos[0, 0])
+            return m[:, q0:q0 + q_pos.shape[1], k0:k0 + k_pos.shape[1]][None]  # (1, H, Tq, Tk)
+        qi = q_pos.clamp(min=0).expand(max(q_pos.shape[0], k_pos.shape[0]), -1)  # (B, Tq)
+        ki = k_pos.clamp(min=0).expand(qi.shape[0], -1)  # (B, Tk)
+        return m[:, qi[:, :, None], ki[:, None, :]].transpose(0, 1)  # (B, H, Tq, Tk)
+
+    # --- forward -----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        q_padding: Optional[Tensor] = None,
+        k_padding: Optional[Tensor] = None,
+        q_offset: Optional[int] = None,
+        dropout_p: float = 0.0,
+    ) -> Tensor:
+        """``q (B, H, Tq, D)``, ``k, v (B, H, Tk, D)``, paddings ``(B, T)`` True = pad → ``(B, H, Tq, D)``.
+
+        ``q_offset``: real position of the first query when there is no query padding (default: ``Tk - Tq`` for
+        self-attention, i.e. the new queries follow the cached keys; 0 for cross-attention).
+        """
+        tq, tk = q.shape[-2], k.shape[-2]
+        if q_offset is None:
+            q_offset = 0 if self.kind is SiteKind.CROSS else tk - tq
+        q_pos = real_positions(q_padding, tq, q_offset, q.device)  # (1|B, Tq)
+        k_pos = real_positions(k_padding, tk, 0, q.device)  # (1|B, Tk)
+        padded = q_padding is not None or k_padding is not None
+
+        mask = self._aligned_mask(q_pos, k_pos) if self.mask is not None else None  # (1|B, H, Tq, Tk)
+        is_causal = self.kind.causal
+        if padded:  # express padding and causality in real positions, as one bool mask
+            keep = (k_pos >= 0)[:, None, None, :] & (q_pos >= 0)[:, None, :, None]  # (B, 1, Tq, Tk)
+            if is_causal:
+                keep = keep & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
+            mask = keep if mask is None else mask & keep
+            is_causal = False
+
+        need_probs = self.recorder is not None
+        out, probs = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                               backend="eager" if need_probs else self.backend, need_probs=need_probs)
+        if need_probs:
+            self.recorder(self, probs, q_pos, k_pos)
+        return out
+
+    def extra_repr(self) -> str:
+        masked = "masked" if self.mask is not None else "dense"
+        return f"{self.kind.value}, heads={self.n_heads}, max={self.max_q}x{self.max_k}, backend={self.backend}, {masked}"
+
+
+def find_sites(model: nn.Module) -> dict[str, AttentionSite]:
+    """All ``AttentionSite`` modules of ``model`` by dotted path (and bind each site's ``name``)."""
+    sites = {}
+    for name, module in model.named_modules():
+        if isinstance(module, AttentionSite):
+            module.name = name
+            sites[name] = module
+    return sites
+
+
+def model_signature(model: nn.Module) -> dict[str, Any]:
+    """What a mask file must match: the model class and each site's ``[kind, n_heads, max_q, max_k]``."""
+    sites = find_sites(model)
+    if not sites:
+        raise MaskError(f"{type(model).__name__} has no AttentionSite modules: it cannot be pruned")
+    return {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "sites": {n: [s.kind.value, s.n_heads, s.max_q, s.max_k] for n, s in sites.items()},
+    }

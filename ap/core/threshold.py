@@ -1,0 +1,135 @@
+"""Thresholding policies: calibrated statistics → fixed boolean keep-masks.
+
+For a target sparsity ``s`` the policy prunes the lowest-scoring *valid* entries until they make up ``s`` of the valid
+entries, where each entry weighs as much as it was valid in the calibration data (its count). Fixed-length causal LM
+blocks make every lower-triangle entry equally weighted; with variable lengths, positions that real inputs rarely reach
+cannot buy sparsity. Scores: ``ap`` = the mean attention probability (the paper), ``random`` = a seeded random score
+(the baseline with the same sparsity per scope).
+
+Scopes (which entries share one threshold): ``layer`` (one per site — the paper's default), ``head`` (one per site and
+head), ``global`` (one for all sites).
+
+Every query row that has valid entries keeps its best-scoring one (no all-masked softmax row); these forced entries
+count as kept, and the remaining candidates are pruned until the target is met, so the target is still hit exactly
+(up to the weight of one entry) as long as it is below ``1 - rows/entries``. Entries never valid in calibration stay
+kept (True), except causal-future entries, which are False.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import APError
+from .sites import SiteKind
+from .stats import AttentionStats
+
+SCOPES = ("layer", "head", "global")
+POLICIES = ("ap", "random")
+
+
+def _prune_lowest(scores: Tensor, weights: Tensor, protected: Tensor, sparsity: float) -> Tensor:
+    """Bool of ``scores.shape``: True for the lowest scores whose weights sum closest to ``sparsity`` × total weight.
+
+    Candidates are entries with ``weights > 0`` that are not ``protected``; the total counts every weighted entry.
+    """
+    flat_s, flat_w = scores.reshape(-1), weights.reshape(-1)
+    target = sparsity * float(flat_w.sum())
+    cand = ((flat_w > 0) & ~protected.reshape(-1)).nonzero(as_tuple=True)[0]  # (N,)
+    order = cand[torch.argsort(flat_s[cand], stable=True)]  # candidates, ascending score
+    cum = flat_w[order].cumsum(0)  # (N,)
+    n = int(torch.searchsorted(cum, torch.tensor(target, dtype=cum.dtype)))  # cum[n-1] < target <= cum[n]
+    if n < len(cum) and abs(float(cum[n]) - target) < abs(target - (float(cum[n - 1]) if n else 0.0)):
+        n += 1  # the closer of the two neighbouring cut points
+    pruned = torch.zeros_like(flat_w, dtype=torch.bool)
+    pruned[order[:n]] = True
+    return pruned.view(scores.shape)
+
+
+def _row_best(scores: Tensor, valid: Tensor) -> Tensor:
+    """``(H, Q, K)`` bool: the highest-scoring valid entry of every row that has one."""
+    best = scores.masked_fill(~valid, float("-inf")).argmax(-1, keepdim=True)  # (H, Q, 1)
+    return torch.zeros_like(valid).scatter_(-1, best, True) & valid
+
+
+def build_masks(
+    stats: AttentionStats,
+    sparsity: float | dict[str, float],
+    scope: str = "layer",
+    policy: str = "ap",
+    seed: int = 0,
+    sites: Optional[Iterable[str]] = None,
+) -> dict[str, Tensor]:
+    """Masks ``{site: (H, Q, K) bool, True = keep}`` pruning ``sparsity`` of each scope's valid entries.
+
+    ``sparsity`` may be one float or ``{site_kind: float}`` (e.g. ``{"cross": 0.5, "enc_self": 0.9}``; kinds not listed
+    are not pruned). ``sites`` restricts pruning to those site names; other sites get all-True masks.
+    """
+    if scope not in SCOPES:
+        raise APError(f"unknown pruning scope {scope!r}; choose one of {SCOPES}")
+    if policy not in POLICIES:
+        raise APError(f"unknown pruning policy {policy!r}; choose one of {POLICIES}")
+    names = list(stats.sum)
+    selected = set(names if sites is None else sites)
+    per_kind = sparsity if isinstance(sparsity, dict) else {k.value: float(sparsity) for k in SiteKind}
+    for s in per_kind.values():
+        if not 0.0 <= s < 1.0:
+            raise APError(f"sparsity must be in [0, 1), got {s}")
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = {n: (stats.mean(n) if policy == "ap" else torch.rand(stats.sum[n].shape, generator=gen, dtype=torch.float64))
+              for n in names}  # (H, Q, K)
+    weights = {n: stats.count[n].expand_as(stats.sum[n]) for n in names}  # (H, Q, K)
+    pruned = {n: torch.zeros_like(weights[n], dtype=torch.bool) for n in names}
+    protected = {n: _row_best(scores[n], weights[n] > 0) for n in names}  # (H, Q, K): each row's best valid entry
+
+    # Group the entries that share a threshold.
+    groups: list[tuple[float, list[tuple[str, Optional[int]]]]] = []
+    if scope == "global":
+        for kind, s in per_kind.items():
+            members = [(n, None) for n in names if n in selected and stats.kinds[n] == kind]
+            if members:
+                groups.append((s, members))
+    else:
+        for n in names:
+            s = per_kind.get(stats.kinds[n])
+            if n not in selected or s is None:
+                continue
+            heads = [None] if scope == "layer" else range(stats.sum[n].shape[0])
+            groups += [(s, [(n, h)]) for h in heads]
+
+    def part(t: dict[str, Tensor], n: str, h: Optional[int]) -> Tensor:
+        return t[n] if h is None else t[n][h]
+
+    for s, members in groups:
+        cat_s = torch.cat([part(scores, n, h).reshape(-1) for n, h in members])
+        cat_w = torch.cat([part(weights, n, h).reshape(-1) for n, h in members])
+        cat_k = torch.cat([part(protected, n, h).reshape(-1) for n, h in members])
+        cat_p = _prune_lowest(cat_s, cat_w, cat_k, s)
+        offset = 0
+        for n, h in members:
+            view = part(pruned, n, h)
+            view.copy_(cat_p[offset:offset + view.numel()].view_as(view))
+            offset += view.numel()
+
+    masks = {}
+    for n in names:
+        keep = ~pruned[n]  # (H, Q, K)
+        if SiteKind(stats.kinds[n]).causal:
+            keep &= torch.ones_like(keep[0]).tril()  # causal-future entries are never kept
+        masks[n] = keep
+    return masks
+
+
+def achieved_sparsity(masks: dict[str, Tensor], stats: AttentionStats) -> dict[str, float]:
+    """Fraction of valid entries (weighted by their calibration count) pruned: ``{"overall": f, site: f, ...}``."""
+    out: dict[str, float] = {}
+    tot_p = tot_w = 0.0
+    for n, keep in masks.items():
+        w = stats.count[n].expand_as(keep)  # (H, Q, K)
+        p, t = float((w * ~keep).sum()), float(w.sum())
+        out[n] = p / t if t else 0.0
+        tot_p, tot_w = tot_p + p, tot_w + t
+    return {"overall": tot_p / tot_w if tot_w else 0.0, **out}

@@ -1,0 +1,1 @@
+"""Models whose attention goes through ``ap.core.AttentionSite``."""

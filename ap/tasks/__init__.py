@@ -1,0 +1,31 @@
+"""Lightning tasks: one LightningModule + LightningDataModule per task, built from the composed config.
+
+``build(cfg)`` dispatches on ``cfg.task.name``; a task module exposes ``model`` (the ``nn.Module`` with the attention
+sites), ``calibration_forward(batch)``, ``reinitialize()`` and a mutable ``lr`` (set per stage by ``ap.run``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ap.core.errors import APError
+
+
+def _build_lm(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    dm = instantiate(cfg.data)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    module = instantiate(cfg.task.module, model=model, vocab_size=dm.vocab_size, _convert_="all")  # plain hparams
+    return dm, module
+
+
+BUILDERS: dict[str, Callable[[DictConfig], tuple[pl.LightningDataModule, pl.LightningModule]]] = {"lm": _build_lm}
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    if cfg.task.name not in BUILDERS:
+        raise APError(f"unknown task {cfg.task.name!r}; available: {sorted(BUILDERS)}")
+    return BUILDERS[cfg.task.name](cfg)

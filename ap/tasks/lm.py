@@ -1,0 +1,140 @@
+"""Language modelling: a WikiText-format DataModule and a LightningModule around ``TransformerLM``.
+
+Metrics: ``train/loss``, ``val/loss``, ``val/ppl``, ``test/loss``, ``test/ppl`` (token-weighted over the whole split).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ap.data import wikitext
+from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
+
+
+class LMDataModule(pl.LightningDataModule):
+    """``wiki.{train,valid,test}.tokens`` from ``dir`` as contiguous blocks of ``block_len`` tokens."""
+
+    def __init__(self, dir: str, block_len: int = 128, batch_size: int = 32, eval_batch_size: int = 64,
+                 max_vocab: Optional[int] = None, num_workers: int = 0, missing_hint: str = "") -> None:
+        super().__init__()
+        self.dir, self.block_len, self.batch_size, self.eval_batch_size = Path(dir), block_len, batch_size, eval_batch_size
+        self.max_vocab, self.num_workers = max_vocab, num_workers
+        self.missing_hint = missing_hint or f"put WikiText-format files in {dir} (see scripts/prepare_data.py)"
+        self.vocab: Optional[wikitext.Vocab] = None
+        self.ids: dict[str, Tensor] = {}
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.vocab is not None:  # already set up (run.py needs the vocabulary before building the model)
+            return
+        wikitext.check_files(self.dir, self.missing_hint)
+        tokens = {s: wikitext.read_tokens(wikitext.split_file(self.dir, s)) for s in wikitext.SPLITS}
+        self.vocab = wikitext.Vocab(tokens["train"], self.max_vocab)
+        self.ids = {s: self.vocab.encode(t) for s, t in tokens.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        self.setup()
+        return len(self.vocab)
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int, keep_last: bool) -> DataLoader:
+        ds = wikitext.LMBlocks(self.ids[split], self.block_len, keep_last=keep_last)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, batch_size=self.batch_size, keep_last=False)
+
+    def calibration_dataloader(self) -> DataLoader:
+        """The train split in a fixed order (so DDP ranks can shard it by batch index)."""
+        return self._loader("train", shuffle=False, batch_size=self.eval_batch_size, keep_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", shuffle=False, batch_size=self.eval_batch_size, keep_last=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, batch_size=self.eval_batch_size, keep_last=True)
+
+
+class LanguageModelTask(pl.LightningModule):
+    """Next-token prediction with a causal ``TransformerLM``; AdamW with linear warm-up and cosine decay."""
+
+    def __init__(self, model: dict[str, Any], vocab_size: int, lr: float = 1e-3, weight_decay: float = 0.01,
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = TransformerLM(TransformerLMConfig(**{**model, "vocab_size": vocab_size}))
+        self.lr = lr
+        self._eval_sums = torch.zeros(2, dtype=torch.float64)  # (sum of token NLL, tokens) of the running eval epoch
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)[0]
+
+    def calibration_forward(self, batch: tuple[Tensor, Tensor]) -> None:
+        """What the pruning callback runs on each calibration batch."""
+        self.model(batch[0])
+
+    def reinitialize(self) -> None:
+        """Fresh weights for the retrain-from-scratch recipe (``pruning.reinit=true``)."""
+        self.model.reset_parameters()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch  # (B, T), (B, T)
+        _, loss = self.model(x, y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
+        x, y = batch
+        _, loss = self.model(x, y)
+        n = (y != -100).sum()
+        self._eval_sums += torch.stack([loss.detach() * n, n.to(loss.dtype)]).double()  # (nll sum, tokens)
+
+    def _eval_epoch_start(self) -> None:
+        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def _eval_epoch_end(self, split: str) -> None:
+        nll_sum, n = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")  # token-weighted over all ranks
+        nll = (nll_sum / n).float()
+        self.log(f"{split}/loss", nll, sync_dist=False)  # already reduced
+        self.log(f"{split}/ppl", torch.exp(nll), prog_bar=True, sync_dist=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_epoch_start()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_epoch_start()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=(0.9, 0.98))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup, floor = min(self.hparams.warmup_steps, total // 2), self.hparams.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

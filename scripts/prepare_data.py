@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Prepare data for ap into the data cache (default ``data/``, gitignored).
+
+    python scripts/prepare_data.py lm_sample              # English WEB Bible, WikiText format  -> data/lm_sample/
+    python scripts/prepare_data.py wikitext103 --src DIR  # check + link a WikiText-103 download -> data/wikitext-103/
+    python scripts/prepare_data.py wikitext2 --src DIR    # same for WikiText-2                 -> data/wikitext-2/
+
+Existing prepared data is kept (use ``--force`` to rebuild).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ap.core.errors import APError  # noqa: E402
+from ap.data import bible, wikitext  # noqa: E402
+
+WIKITEXT = {
+    "wikitext103": ("wikitext-103", "https://www.salesforce.com/products/einstein/ai-research/the-wikitext-dependency-"
+                                    "language-modeling-dataset/ (wikitext-103-v1.zip, the tokenized word-level files)"),
+    "wikitext2": ("wikitext-2", "the same page (wikitext-2-v1.zip)"),
+}
+
+
+def prepare_lm_sample(data_dir: Path, force: bool) -> None:
+    out = data_dir / "lm_sample"
+    if not force and all(wikitext.split_file(out, s).is_file() for s in wikitext.SPLITS):
+        print(f"lm_sample already prepared in {out} (--force rebuilds it)")
+        return
+    db = bible.fetch_bible_db(data_dir / "cache")
+    sizes = bible.write_lm_sample(db, out)
+    print(f"lm_sample written to {out}: " + ", ".join(f"{s} {n:,} tokens" for s, n in sizes.items()))
+
+
+def prepare_wikitext(name: str, data_dir: Path, src: Path | None, force: bool) -> None:
+    folder, where = WIKITEXT[name]
+    out = data_dir / folder
+    if src is None:
+        raise APError(f"{name} cannot be downloaded here: get it from {where}, unzip it and run "
+                      f"`python scripts/prepare_data.py {name} --src <unzipped folder>` (or pass data.dir=<folder>)")
+    wikitext.check_files(src, f"{src} must hold wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens")
+    out.mkdir(parents=True, exist_ok=True)
+    for split in wikitext.SPLITS:
+        dst = wikitext.split_file(out, split)
+        if dst.exists() and not force:
+            print(f"keeping existing {dst}")
+            continue
+        dst.unlink(missing_ok=True)
+        dst.symlink_to(wikitext.split_file(src, split).resolve())
+    print(f"{name} ready in {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", choices=["lm_sample", *WIKITEXT])
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="data cache (config key paths.data_dir)")
+    parser.add_argument("--src", type=Path, help="folder of an existing download (WikiText)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if prepared data exists")
+    args = parser.parse_args(argv)
+    try:
+        if args.dataset == "lm_sample":
+            prepare_lm_sample(args.data_dir, args.force)
+        else:
+            prepare_wikitext(args.dataset, args.data_dir, args.src, args.force)
+    except APError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

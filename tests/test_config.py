@@ -1,0 +1,49 @@
+"""Every option of every config group composes; typed checks reject bad values at compose/check time."""
+
+import pytest
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from ap.config import check, pruning_config
+from ap.core import APError
+from conftest import CONF, compose_cfg
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+
+
+def test_every_group_has_options():
+    assert {"task", "model", "data", "pruning", "trainer", "logger", "paths", "experiment"} <= set(GROUPS)
+    assert len(OPTIONS) >= 25
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes(group, option):
+    cfg = compose_cfg([f"{group}={option}", "paths.output_dir=/tmp/x"])
+    check(cfg)
+    assert cfg.task.name and cfg.pruning.name
+    if group == "pruning":
+        p = pruning_config(cfg)
+        assert p.name == option
+        assert p.policy.value == ("none" if option == "none" else option.rstrip("0123456789"))
+        if option != "none":
+            assert p.sparsity == int(option.lstrip("aprandom")) / 100
+
+
+def test_sparsity_out_of_range_is_a_config_error():
+    cfg = compose_cfg(["pruning.sparsity=1.5", "paths.output_dir=/tmp/x"])
+    with pytest.raises(APError, match=r"pruning.sparsity=1.5 is outside \[0, 1\)"):
+        check(cfg)
+
+
+@pytest.mark.parametrize("override", ["pruning.scope=row", "pruning.sparsty=0.5", "pruning.policy=magic",
+                                      "pruning.sparsity=high"])
+def test_unknown_values_and_misspelt_keys_fail_at_compose(override):
+    with pytest.raises((ConfigCompositionException, HydraException, OmegaConfBaseException)):
+        compose_cfg([override])
+
+
+def test_sweep_values_compose():
+    for p in ("ap50", "random90"):
+        for scope in ("layer", "head", "global"):
+            check(compose_cfg([f"pruning={p}", f"pruning.scope={scope}", "paths.output_dir=/tmp/x"]))

@@ -1,0 +1,131 @@
+"""AttentionSite position alignment and AttentionStats accumulation at real token positions."""
+
+import pytest
+import torch
+
+from ap.core import APError, AttentionSite, AttentionStats, MaskError, SiteKind, real_positions
+
+
+def pad_batch(xs: list[torch.Tensor], side: str, total: int):
+    """Stack (T_i, ...) tensors into (B, total, ...) with padding on ``side``; returns (batch, padding (B, total))."""
+    out = torch.zeros(len(xs), total, *xs[0].shape[1:], dtype=xs[0].dtype)
+    pad = torch.ones(len(xs), total, dtype=torch.bool)
+    for i, x in enumerate(xs):
+        s = 0 if side == "right" else total - len(x)
+        out[i, s:s + len(x)], pad[i, s:s + len(x)] = x, False
+    return out, pad
+
+
+def test_real_positions_ignore_padding_side():
+    pad = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    assert real_positions(pad, 4).tolist() == [[-1, -1, 0, 1], [0, 1, -1, -1]]
+    assert real_positions(None, 3, offset=2).tolist() == [[2, 3, 4]]
+
+
+@pytest.mark.parametrize("kind", ["enc_self", "dec_self"])
+def test_padding_side_never_shifts_mask_positions(kind):
+    """The same sequence alone or in a left/right padded batch gets the same outputs, with a per-row varying mask."""
+    g = torch.Generator().manual_seed(0)
+    site = AttentionSite(kind, n_heads=2, max_q=8, max_k=8, backend="eager")
+    mask = torch.rand(2, 8, 8, generator=g) > 0.4
+    mask |= torch.eye(8, dtype=torch.bool)
+    site.set_mask(mask)
+    seqs = [torch.randn(t, 2, 4, generator=g) for t in (5, 8, 3)]  # (T, H, D) each
+    alone = [site(*(s.transpose(0, 1)[None],) * 3)[0] for s in seqs]  # (H, T, D)
+    for side in ("left", "right"):
+        x, pad = pad_batch(seqs, side, 8)  # (B, 8, H, D)
+        x = x.transpose(1, 2)  # (B, H, 8, D)
+        for backend in ("eager", "sdpa"):
+            site.backend = backend
+            out = site(x, x, x, q_padding=pad, k_padding=pad)  # (B, H, 8, D)
+            for i, ref in enumerate(alone):
+                torch.testing.assert_close(out[i][:, ~pad[i]], ref)
+
+
+def test_incremental_steps_equal_full_forward():
+    """A causal site decoding one query at a time against a growing key cache applies the same mask rows."""
+    g = torch.Generator().manual_seed(1)
+    site = AttentionSite("dec_self", n_heads=2, max_q=6, max_k=6)
+    site.set_mask(torch.tril(torch.rand(2, 6, 6, generator=g) > 0.5) | torch.eye(6, dtype=torch.bool))
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=g) for _ in range(3))
+    full = site(q, k, v)
+    steps = torch.cat([site(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1]) for t in range(6)], dim=2)
+    torch.testing.assert_close(steps, full)
+
+
+def test_site_rejects_masks_it_cannot_apply():
+    site = AttentionSite("enc_self", n_heads=2, max_q=4, max_k=4)
+    with pytest.raises(MaskError, match="heads"):
+        site.set_mask(torch.ones(3, 4, 4, dtype=torch.bool))
+    with pytest.raises(MaskError, match="bool"):
+        site.set_mask(torch.zeros(2, 4, 4))
+    site.set_mask(torch.ones(2, 4, 4, dtype=torch.bool))
+    x = torch.randn(1, 2, 6, 3)
+    with pytest.raises(MaskError, match="covers 4x4"):
+        site(x, x, x)
+
+
+def by_hand(probs_list, pads, causal, n=8):
+    """Reference: per-entry mean over every batch with Python loops, entries indexed by real positions."""
+    h = probs_list[0].shape[1]
+    total, count = torch.zeros(h, n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    for probs, pad in zip(probs_list, pads):
+        for b in range(probs.shape[0]):
+            real = (~pad[b]).nonzero().flatten().tolist()
+            for qi, qt in enumerate(real):
+                for ki, kt in enumerate(real):
+                    if causal and ki > qi:
+                        continue
+                    total[:, qi, ki] += probs[b, :, qt, kt].double()
+                    count[qi, ki] += 1
+    return total / count.clamp(min=1), count
+
+
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+@pytest.mark.parametrize("kind", ["enc_self", "dec_self"])
+def test_stats_equal_by_hand_mean_with_padding(side, kind):
+    g = torch.Generator().manual_seed(2)
+    stats = AttentionStats()
+    stats.add_site("s", kind, 2, 8, 8)
+    probs_list, pads = [], []
+    for lengths in ([3, 8, 5], [6, 2], [8]):
+        probs = torch.rand(len(lengths), 2, 8, 8, generator=g)  # arbitrary values: positions are what is tested
+        if side == "none":
+            lengths = [8] * len(lengths)
+        _, pad = pad_batch([torch.zeros(t) for t in lengths], "left" if side == "none" else side, 8)
+        stats.update("s", probs, real_positions(pad, 8), real_positions(pad, 8))
+        probs_list.append(probs), pads.append(pad)
+    mean, count = by_hand(probs_list, pads, causal=kind == "dec_self")
+    torch.testing.assert_close(stats.count["s"], count)
+    torch.testing.assert_close(stats.mean("s"), mean)
+    if kind == "dec_self":  # causal-future entries never counted
+        assert stats.count["s"].triu(1).sum() == 0 and stats.sum["s"].triu(1).abs().sum() == 0
+
+
+def test_unpadded_fast_path_matches_general_path():
+    probs = torch.rand(3, 2, 8, 8)
+    a, b = AttentionStats(), AttentionStats()
+    for s in (a, b):
+        s.add_site("s", "dec_self", 2, 8, 8)
+    a.update("s", probs, real_positions(None, 8), real_positions(None, 8))
+    no_pad = torch.zeros(3, 8, dtype=torch.bool)
+    b.update("s", probs, real_positions(no_pad, 8), real_positions(no_pad, 8))
+    torch.testing.assert_close(a.sum["s"], b.sum["s"])
+    torch.testing.assert_close(a.count["s"], b.count["s"])
+
+
+def test_merge_and_save_round_trip(tmp_path):
+    parts = [AttentionStats() for _ in range(3)]
+    whole = AttentionStats()
+    for i, probs in enumerate(torch.rand(4, 2, 2, 5, 5)):
+        for s in (parts[i % 2], whole):
+            s.add_site("s", "enc_self", 2, 5, 5)
+            s.update("s", probs, real_positions(None, 5), real_positions(None, 5))
+    merged = parts[2].merge(parts[0]).merge(parts[1])
+    torch.testing.assert_close(merged.mean("s"), whole.mean("s"))
+    merged.save(tmp_path / "stats.pt")
+    loaded = AttentionStats.load(tmp_path / "stats.pt")
+    torch.testing.assert_close(loaded.sum["s"], merged.sum["s"])
+    assert loaded.signature() == {"s": ["enc_self", 2, 5, 5]}
+    with pytest.raises(APError, match="not found"):
+        AttentionStats.load(tmp_path / "missing.pt")
