@@ -1,6 +1,7 @@
 """``AttentionPruning``: the Lightning callback that turns a dense model into an AP-pruned one.
 
-Attach it to the trainer of the fine-tune stage. At ``on_fit_start`` it
+Attach it to the trainer of the fine-tune stage. At ``on_fit_start`` (or at the start of a ``trainer.validate`` run
+before ``fit``, to measure the pruned model before fine-tuning) it
 1. gets a ``MaskSet``: restored from a resumed checkpoint, loaded from ``masks_path``, thresholded from saved
    statistics (``stats_path``), or calibrated: one pass over the train split (eval mode, no gradients), statistics
    all-reduced across DDP ranks, then thresholded;
@@ -15,12 +16,14 @@ The LightningModule must expose ``model`` (the ``nn.Module`` holding the ``Atten
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+from pytorch_lightning.trainer.states import TrainerFn
 from tqdm.auto import tqdm
 
 from ap.core import APError, AttentionStats, MaskSet, calibrate, find_sites, make_maskset
@@ -51,36 +54,50 @@ class AttentionPruning(pl.Callback):
         self.masks: Optional[MaskSet] = None
         self.stats: Optional[AttentionStats] = None
         self.timing: dict[str, float] = {}
+        self._restored = self._reinitialized = self._written = False
 
     # --- stages ------------------------------------------------------------------------------------------------
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``trainer.validate`` before ``fit`` measures the pruned model before fine-tuning (masks made here)."""
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self.prepare(trainer, pl_module)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.prepare(trainer, pl_module)
+        if self.reinit and not self._restored and not self._reinitialized:
+            _require(pl_module, "reinitialize", "pruning.reinit=true")
+            pl_module.reinitialize()
+            self._reinitialized = True
+            log.info("AttentionPruning: weights re-initialised (training from scratch with masks)")
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> MaskSet:
+        """Get the masks once (restored, loaded, or calibrated + thresholded), write them, install them."""
         model = _pruned_model(pl_module)
-        if self.masks is not None:  # restored from a checkpoint (resume)
-            log.info("AttentionPruning: masks restored from the checkpoint")
-        elif self.masks_path:
-            self.masks = MaskSet.load(self.masks_path)
-            self.masks.validate(model)
-            log.info(f"AttentionPruning: masks loaded from {self.masks_path}")
-        else:
-            if self.stats_path:
-                self.stats = AttentionStats.load(self.stats_path)
-                log.info(f"AttentionPruning: statistics loaded from {self.stats_path}")
+        if self.masks is None:
+            if self.masks_path:
+                self.masks = MaskSet.load(self.masks_path)
+                self.masks.validate(model)
+                log.info(f"AttentionPruning: masks loaded from {self.masks_path}")
             else:
+                if self.stats_path:
+                    self.stats = AttentionStats.load(self.stats_path)
+                    log.info(f"AttentionPruning: statistics loaded from {self.stats_path}")
+                else:
+                    t0 = time.perf_counter()
+                    self.stats = self.calibrate(trainer, pl_module)
+                    self.timing["calibrate_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                self.stats = self.calibrate(trainer, pl_module)
-                self.timing["calibrate_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            self.masks = make_maskset(self.stats, model, self.sparsity, scope=self.scope, policy=self.policy,
-                                      seed=self.seed, config=self.config)
-            self.timing["threshold_s"] = time.perf_counter() - t0
-            if self.reinit:
-                _require(pl_module, "reinitialize", "pruning.reinit=true")
-                pl_module.reinitialize()
-                log.info("AttentionPruning: weights re-initialised (training from scratch with masks)")
-        self._write(trainer)
+                self.masks = make_maskset(self.stats, model, self.sparsity, scope=self.scope, policy=self.policy,
+                                          seed=self.seed, config=self.config)
+                self.timing["threshold_s"] = time.perf_counter() - t0
+            self._write(trainer)
+            log.info(f"AttentionPruning: {self.masks.meta['achieved']['overall']:.1%} of valid attention pruned\n"
+                     f"{self.masks.report()}")
+        elif self._restored and not self._written:
+            log.info("AttentionPruning: masks restored from the checkpoint")
+            self._write(trainer)
         self.masks.install(model)
-        log.info(f"AttentionPruning: masks installed in {len(self.masks.masks)} sites, "
-                 f"{self.masks.meta['achieved']['overall']:.1%} of valid attention pruned\n{self.masks.report()}")
+        return self.masks
 
     def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> AttentionStats:
         """One pass over the train split; under DDP each rank takes every ``world_size``-th batch, then all-reduce."""
@@ -91,7 +108,7 @@ class AttentionPruning(pl.Callback):
         loader = dm.calibration_dataloader() if hasattr(dm, "calibration_dataloader") else dm.train_dataloader()
         rank, world = trainer.global_rank, trainer.world_size
         n = len(loader) if self.calibration_batches is None else min(len(loader), self.calibration_batches)
-        batches = (b for i, b in enumerate(loader) if i < n and i % world == rank)
+        batches = (b for i, b in enumerate(itertools.islice(loader, n)) if i % world == rank)
         bar = tqdm(batches, total=len(range(rank, n, world)), desc="calibrate", leave=False,
                    disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)
         stats = calibrate(_pruned_model(pl_module), bar,
@@ -101,6 +118,7 @@ class AttentionPruning(pl.Callback):
         return stats
 
     def _write(self, trainer: pl.Trainer) -> None:
+        self._written = True
         if self.output_dir is None or not trainer.is_global_zero:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +136,7 @@ class AttentionPruning(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("masks"):
             self.masks = MaskSet.from_dict(state_dict["masks"], source="checkpoint")
+            self._restored = True
 
 
 def _pruned_model(pl_module: pl.LightningModule) -> Any:

@@ -12,6 +12,9 @@ def results_table(results: dict[str, Any]) -> str:
         rows.append(("dense", results["dense_metrics"], 0.0))
     if results.get("dense_finetuned_metrics"):
         rows.append(("dense+ft", results["dense_finetuned_metrics"], 0.0))  # same fine-tune steps, no masks
+    if results.get("pruned_before_finetune_metrics"):
+        rows.append((f"{results['pruning']} (no ft)", results["pruned_before_finetune_metrics"],
+                     results["sparsity_achieved"]))
     rows.append((results["pruning"], results["metrics"], results["sparsity_achieved"]))
     names = sorted({k for _, m, _ in rows for k in m if not k.endswith("/loss")}, key=lambda k: (k.startswith("test"), k))
     width = max(8, *(len(r[0]) for r in rows))

@@ -132,6 +132,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         module.lr = cfg.task.finetune.lr
         pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same batches as the baseline
         trainer = make_trainer(cfg, "finetune", loggers, [callback])
+        if not (cfg.ckpt_path or pruning.reinit):  # the pruned model before fine-tuning (masks are made here)
+            results["pruned_before_finetune_metrics"] = trainer.validate(module, dm, verbose=False)[0]
         trainer.fit(module, dm, ckpt_path=cfg.ckpt_path)
         timing.update(callback.timing)
         timing["finetune_s"] = time.perf_counter() - t0 - sum(callback.timing.values())
@@ -145,7 +147,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results.update(sparsity_achieved=achieved["overall"],
                    sparsity_per_site={k: v for k, v in achieved.items() if k != "overall"}, timing=timing,
                    config=resolved(cfg))
-    if pl.utilities.rank_zero_only.rank == 0:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):  # one writer under DDP
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         print(results_table(results))

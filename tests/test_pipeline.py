@@ -39,6 +39,7 @@ def test_full_pipeline_writes_every_contract_field(ap_run, tiny_data):
     for metrics in (saved["metrics"], saved["dense_metrics"], saved["dense_finetuned_metrics"]):
         assert {"val/loss", "val/ppl", "test/loss", "test/ppl"} <= metrics.keys()
         assert metrics["test/ppl"] == pytest.approx(torch.tensor(metrics["test/loss"]).exp().item(), rel=1e-4)
+    assert {"val/loss", "val/ppl"} <= saved["pruned_before_finetune_metrics"].keys()
     assert abs(saved["sparsity_achieved"] - 0.7) < 0.005
     assert {"dense_s", "calibrate_s", "threshold_s", "finetune_s", "evaluate_s"} <= saved["timing"].keys()
 
@@ -136,3 +137,15 @@ def test_cli_never_overwrites_results(ap_run):
     proc = run_cli(*TINY, f"hydra.run.dir={out}")
     assert proc.returncode != 0 and "already holds results.json" in proc.stderr
     assert (out / "results.json").read_text() == before
+
+
+def test_collect_results_tabulates_runs(ap_run, tmp_path):
+    out, results, _ = ap_run
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/collect_results.py"), str(out), "--csv",
+                           str(tmp_path / "t.csv")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "ap70" in proc.stdout and f"{results['metrics']['test/ppl']:.3f}" in proc.stdout
+    assert "ap70" in (tmp_path / "t.csv").read_text()
+    empty = subprocess.run([sys.executable, str(ROOT / "scripts/collect_results.py"), str(tmp_path / "none")],
+                           capture_output=True, text=True)
+    assert empty.returncode == 2 and "no results.json" in empty.stderr

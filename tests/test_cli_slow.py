@@ -1,0 +1,48 @@
+"""End-to-end command-line runs in subprocesses: DDP, wandb offline, a Hydra sweep. Marked slow (`make test` runs them)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ap.core import MaskSet
+from conftest import TINY
+from test_pipeline import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_ddp_two_processes_give_the_same_masks_as_one(tiny_data, tmp_path):
+    common = [*TINY, f"data.dir={tiny_data}", "pruning=ap80", "pruning.calibration_batches=null",
+              "dense_finetune_baseline=false", "task.finetune.max_steps=2"]
+    single = run_cli(*common, f"hydra.run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    dense = tmp_path / "single/checkpoints/dense/last.ckpt"
+    ddp = run_cli(*common, "trainer=ddp", f"pruning.dense_ckpt={dense}", f"hydra.run.dir={tmp_path / 'ddp'}")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "world_size: 2" in ddp.stderr or "MEMBER: 2/2" in ddp.stderr + ddp.stdout
+    a, b = MaskSet.load(tmp_path / "single/masks.pt"), MaskSet.load(tmp_path / "ddp/masks.pt")
+    assert a.meta["calibration"]["tokens"] == b.meta["calibration"]["tokens"]
+    assert a.meta["calibration"]["batches"] == b.meta["calibration"]["batches"]
+    for name in a.masks:
+        assert torch.equal(a.masks[name], b.masks[name]), name
+
+
+def test_wandb_logger_works_offline_without_account(tiny_data, tmp_path):
+    proc = run_cli(*TINY, f"data.dir={tiny_data}", "logger=wandb", "task.dense.max_steps=3",
+                   "task.finetune.max_steps=2", "dense_finetune_baseline=false", f"hydra.run.dir={tmp_path / 'run'}",
+                   env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "run/wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_multirun_sweep_writes_one_result_per_point(tiny_data, tmp_path):
+    proc = run_cli("-m", *TINY, f"data.dir={tiny_data}", "pruning=ap50,random50", "task.dense.max_steps=3",
+                   "task.finetune.max_steps=2", "dense_finetune_baseline=false", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
+    assert sorted(r["pruning"] for r in results) == ["ap50", "random50"]
+    assert all(abs(r["sparsity_achieved"] - 0.5) < 0.01 for r in results)
