@@ -48,7 +48,8 @@ def make_trainer(cfg: DictConfig, stage: str, loggers: list, callbacks: Optional
                                          save_last=True,
                                          save_top_k=0))
     else:  # evaluation only
-        kwargs.pop("strategy", None), kwargs.update(devices=1)  # evaluate on one device: exact, order-independent
+        kwargs.pop("strategy", None)  # evaluate on one device: every sample exactly once, no sampler padding
+        kwargs["devices"] = 1
     return pl.Trainer(logger=loggers or False, callbacks=callbacks, default_root_dir=cfg.paths.output_dir,
                       enable_checkpointing=stage != "evaluate", **kwargs)
 

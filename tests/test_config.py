@@ -47,3 +47,23 @@ def test_sweep_values_compose():
     for p in ("ap50", "random90"):
         for scope in ("layer", "head", "global"):
             check(compose_cfg([f"pruning={p}", f"pruning.scope={scope}", "paths.output_dir=/tmp/x"]))
+
+
+def test_resume_and_dense_checkpoint_are_exclusive():
+    cfg = compose_cfg(["ckpt_path=a.ckpt", "pruning.dense_ckpt=b.ckpt", "paths.output_dir=/tmp/x"])
+    with pytest.raises(APError, match="not both"):
+        check(cfg)
+
+
+@pytest.mark.parametrize("data", ["wikitext2", "wikitext103"])
+def test_wikitext_configs_read_a_folder_in_that_format(data, tiny_data):
+    from hydra.utils import instantiate
+
+    dm = instantiate(compose_cfg([f"data={data}", f"data.dir={tiny_data}", "paths.output_dir=/tmp/x"]).data)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == y.shape and x.shape[1] == dm.block_len and 0 < x.shape[0] <= dm.batch_size
+    assert dm.vocab.itos[:2] == ["<unk>", "<eos>"] and "name0" in dm.vocab.stoi
+    missing = instantiate(compose_cfg([f"data={data}", "data.dir=/nonexistent", "paths.output_dir=/tmp/x"]).data)
+    with pytest.raises(APError, match=f"prepare_data.py {data} --src"):
+        missing.setup()

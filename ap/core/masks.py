@@ -125,7 +125,8 @@ class MaskSet:
                 axes[0, h].imshow(keep[h].numpy(), cmap="Greys_r", interpolation="nearest", vmin=0, vmax=1)
                 axes[0, h].set_title(f"head {h} kept", fontsize=8)
                 if mean_probs is not None:
-                    axes[1, h].imshow(mean_probs[name][h].clamp(min=1e-6).log10().numpy(), cmap="viridis",
+                    p = mean_probs[name][h]  # (Q, K); 0 where never valid (e.g. causal future) -> blank
+                    axes[1, h].imshow(torch.where(p > 0, p.log10(), torch.nan).numpy(), cmap="viridis",
                                       interpolation="nearest")
                     axes[1, h].set_title(f"head {h} log10 mean p", fontsize=8)
             for ax in axes.flat:
