@@ -53,6 +53,20 @@ def test_incremental_steps_equal_full_forward():
     torch.testing.assert_close(steps, full)
 
 
+def test_incremental_step_after_a_left_padded_prefix():
+    """One new query against a left-padded key cache sits at the row's own next real position."""
+    g = torch.Generator().manual_seed(3)
+    site = AttentionSite("dec_self", n_heads=2, max_q=8, max_k=8)
+    site.set_mask(torch.tril(torch.rand(2, 8, 8, generator=g) > 0.5) | torch.eye(8, dtype=torch.bool))
+    seqs = [torch.randn(t, 2, 4, generator=g) for t in (3, 6)]  # (T, H, D)
+    x, pad = pad_batch(seqs, "left", 6)  # (B, 6, H, D)
+    x = x.transpose(1, 2)  # (B, H, 6, D)
+    step = site(x[:, :, -1:], x, x, k_padding=pad)  # the last real token of each row as the new query
+    for i, s in enumerate(seqs):
+        alone = site(*(s.transpose(0, 1)[None],) * 3)  # (1, H, T, D)
+        torch.testing.assert_close(step[i, :, 0], alone[0, :, -1])
+
+
 def test_site_rejects_masks_it_cannot_apply():
     site = AttentionSite("enc_self", n_heads=2, max_q=4, max_k=4)
     with pytest.raises(MaskError, match="heads"):

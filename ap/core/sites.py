@@ -99,14 +99,16 @@ class AttentionSite(nn.Module):
     ) -> Tensor:
         """``q (B, H, Tq, D)``, ``k, v (B, H, Tk, D)``, paddings ``(B, T)`` True = pad → ``(B, H, Tq, D)``.
 
-        ``q_offset``: real position of the first query when there is no query padding (default: ``Tk - Tq`` for
-        self-attention, i.e. the new queries follow the cached keys; 0 for cross-attention).
+        ``q_offset``: real position of the first query when there is no query padding (default for self-attention:
+        the new queries follow the row's real cached keys, i.e. incremental decoding; 0 for cross-attention).
         """
         tq, tk = q.shape[-2], k.shape[-2]
-        if q_offset is None:
-            q_offset = 0 if self.kind is SiteKind.CROSS else tk - tq
-        q_pos = real_positions(q_padding, tq, q_offset, q.device)  # (1|B, Tq)
         k_pos = real_positions(k_padding, tk, 0, q.device)  # (1|B, Tk)
+        if q_padding is None and q_offset is None and self.kind is not SiteKind.CROSS:
+            # new queries follow the real (cached) keys of their own row: per-row offsets under key padding
+            q_pos = (k_pos.max(dim=1, keepdim=True).values + 1 - tq) + torch.arange(tq, device=q.device)  # (1|B, Tq)
+        else:
+            q_pos = real_positions(q_padding, tq, q_offset or 0, q.device)  # (1|B, Tq)
         padded = q_padding is not None or k_padding is not None
 
         mask = self._aligned_mask(q_pos, k_pos) if self.mask is not None else None  # (1|B, H, Tq, Tk)
