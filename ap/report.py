@@ -18,7 +18,7 @@ def results_table(results: dict[str, Any]) -> str:
     rows.append((results["pruning"], results["metrics"], results["sparsity_achieved"]))
     names = sorted({k for _, m, _ in rows for k in m if not k.endswith("/loss")}, key=lambda k: (k.startswith("test"), k))
     width = max(8, *(len(r[0]) for r in rows))
-    lines = [f"{results['task']}: " + " vs ".join(r[0] for r in rows),
+    lines = [f"{results['task_name']}: " + " vs ".join(r[0] for r in rows),
              f"{'model':<{width}}  " + "  ".join(f"{n:>10}" for n in names) + f"  {'pruned':>8}"]
     for label, metrics, sparsity in rows:
         cells = "  ".join(f"{metrics[n]:>10.3f}" if n in metrics else f"{'-':>10}" for n in names)

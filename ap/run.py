@@ -85,12 +85,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if (out / "results.json").exists():
         raise APError(f"{out} already holds results.json; choose a new output directory (hydra.run.dir=...)")
-    log.info(f"Building task {cfg.task.name!r}: data <{cfg.data._target_}>, module <{cfg.task.module._target_}>")
+    log.info(f"Building task {cfg.task.type}/{cfg.task.name}: data <{cfg.data._target_}>, module <{cfg.task.module._target_}>")
     dm, module = build(cfg)
     check_reused_files(pruning, module)
     loggers = [instantiate(c) for c in cfg.logger.values()]
     timing: dict[str, float] = {}
-    results: dict[str, Any] = {"task": cfg.task.name, "pruning": pruning.name, "run_dir": str(out)}
+    results: dict[str, Any] = {"task": cfg.task.type, "task_name": cfg.task.name, "pruning": pruning.name,
+                               "run_dir": str(out)}
     resume_dense = cfg.ckpt_path if not pruning.enabled else None
     callback: Optional[AttentionPruning] = None
 

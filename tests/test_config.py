@@ -21,7 +21,7 @@ def test_every_group_has_options():
 def test_option_composes(group, option):
     cfg = compose_cfg([f"{group}={option}", "paths.output_dir=/tmp/x"])
     check(cfg)
-    assert cfg.task.name and cfg.pruning.name
+    assert cfg.task.type and cfg.task.name and cfg.pruning.name
     if group == "pruning":
         p = pruning_config(cfg)
         assert p.name == option

@@ -35,7 +35,7 @@ def test_full_pipeline_writes_every_contract_field(ap_run, tiny_data):
     out, results, seconds = ap_run
     assert seconds < 60
     saved = json.loads((out / "results.json").read_text())
-    assert RESULT_KEYS <= saved.keys() and saved["task"] == "lm" and saved["pruning"] == "ap70"
+    assert RESULT_KEYS <= saved.keys() and saved["task"] == saved["task_name"] == "lm" and saved["pruning"] == "ap70"
     for metrics in (saved["metrics"], saved["dense_metrics"], saved["dense_finetuned_metrics"]):
         assert {"val/loss", "val/ppl", "test/loss", "test/ppl"} <= metrics.keys()
         assert metrics["test/ppl"] == pytest.approx(torch.tensor(metrics["test/loss"]).exp().item(), rel=1e-4)

@@ -1,6 +1,6 @@
 """Lightning tasks: one LightningModule + LightningDataModule per task, built from the composed config.
 
-``build(cfg)`` dispatches on ``cfg.task.name``; a task module exposes ``model`` (the ``nn.Module`` with the attention
+``build(cfg)`` dispatches on ``cfg.task.type`` (``task.name`` is the data set / sub-task label); a task module exposes ``model`` (the ``nn.Module`` with the attention
 sites), ``calibration_forward(batch)``, ``reinitialize()`` and a mutable ``lr`` (set per stage by ``ap.run``).
 """
 
@@ -26,6 +26,6 @@ BUILDERS: dict[str, Callable[[DictConfig], tuple[pl.LightningDataModule, pl.Ligh
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    if cfg.task.name not in BUILDERS:
-        raise APError(f"unknown task {cfg.task.name!r}; available: {sorted(BUILDERS)}")
-    return BUILDERS[cfg.task.name](cfg)
+    if cfg.task.type not in BUILDERS:
+        raise APError(f"unknown task type {cfg.task.type!r}; available: {sorted(BUILDERS)}")
+    return BUILDERS[cfg.task.type](cfg)
