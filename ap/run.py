@@ -22,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from ap.callback import AttentionPruning
 from ap.config import PruningConfig, check, pruning_config, resolved
@@ -57,7 +58,10 @@ def make_trainer(cfg: DictConfig, stage: str, loggers: list, callbacks: Optional
 def evaluate(cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataModule, loggers: list) -> dict[str, float]:
     trainer = make_trainer(cfg, "evaluate", loggers)
     metrics: dict[str, float] = {}
-    for out in trainer.validate(module, dm, verbose=False) + trainer.test(module, dm, verbose=False):
+    outputs = trainer.validate(module, dm, verbose=False)
+    if is_overridden("test_step", module):  # GLUE test sets have no labels: validation only
+        outputs += trainer.test(module, dm, verbose=False)
+    for out in outputs:
         metrics.update({k: float(v) for k, v in out.items()})
     return metrics
 
@@ -164,4 +168,5 @@ def cli_main(cfg: DictConfig) -> float:
     except APError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return results["metrics"].get(cfg.optimized_metric, float("nan"))
+    name = cfg.task.optimized_metric or next((k for k in results["metrics"] if k.startswith("val/")), None)
+    return results["metrics"].get(name, float("nan"))

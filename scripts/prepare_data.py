@@ -2,6 +2,7 @@
 """Prepare data for ap into the data cache (default ``data/``, gitignored).
 
     python scripts/prepare_data.py lm_sample              # English WEB Bible, WikiText format  -> data/lm_sample/
+    python scripts/prepare_data.py glue_sample            # Rotten Tomatoes sentences as SST-2   -> data/glue_sample/
     python scripts/prepare_data.py wikitext103 --src DIR  # check + link a WikiText-103 download -> data/wikitext-103/
     python scripts/prepare_data.py wikitext2 --src DIR    # same for WikiText-2                 -> data/wikitext-2/
 
@@ -17,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ap.core.errors import APError  # noqa: E402
-from ap.data import bible, wikitext  # noqa: E402
+from ap.data import bible, glue, wikitext  # noqa: E402
 
 WIKITEXT = {
     "wikitext103": ("wikitext-103", "https://www.salesforce.com/products/einstein/ai-research/the-wikitext-dependency-"
@@ -34,6 +35,15 @@ def prepare_lm_sample(data_dir: Path, force: bool) -> None:
     db = bible.fetch_bible_db(data_dir / "cache")
     sizes = bible.write_lm_sample(db, out)
     print(f"lm_sample written to {out}: " + ", ".join(f"{s} {n:,} tokens" for s, n in sizes.items()))
+
+
+def prepare_glue_sample(data_dir: Path, force: bool) -> None:
+    out = data_dir / "glue_sample"
+    if not force and (out / "SST-2" / "train.tsv").is_file() and (out / "SST-2" / "dev.tsv").is_file():
+        print(f"glue_sample already prepared in {out} (--force rebuilds it)")
+        return
+    sizes = glue.write_sst2_sample(glue.fetch_rotten_tomatoes(data_dir / "cache"), out)
+    print(f"glue_sample written to {out / 'SST-2'}: " + ", ".join(f"{s} {n:,} sentences" for s, n in sizes.items()))
 
 
 def prepare_wikitext(name: str, data_dir: Path, src: Path | None, force: bool) -> None:
@@ -56,7 +66,7 @@ def prepare_wikitext(name: str, data_dir: Path, src: Path | None, force: bool) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["lm_sample", *WIKITEXT])
+    parser.add_argument("dataset", choices=["lm_sample", "glue_sample", *WIKITEXT])
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="data cache (config key paths.data_dir)")
     parser.add_argument("--src", type=Path, help="folder of an existing download (WikiText)")
     parser.add_argument("--force", action="store_true", help="rebuild even if prepared data exists")
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.dataset == "lm_sample":
             prepare_lm_sample(args.data_dir, args.force)
+        elif args.dataset == "glue_sample":
+            prepare_glue_sample(args.data_dir, args.force)
         else:
             prepare_wikitext(args.dataset, args.data_dir, args.src, args.force)
     except APError as e:

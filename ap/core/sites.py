@@ -96,10 +96,11 @@ class AttentionSite(nn.Module):
         k_padding: Optional[Tensor] = None,
         q_offset: Optional[int] = None,
         dropout_p: float = 0.0,
+        scale: Optional[float] = None,
     ) -> Tensor:
         """``q (B, H, Tq, D)``, ``k, v (B, H, Tk, D)``, paddings ``(B, T)`` True = pad → ``(B, H, Tq, D)``.
 
-        ``q_offset``: real position of the first query when there is no query padding (default for self-attention:
+        ``scale`` defaults to ``1/sqrt(D)``. ``q_offset``: real position of the first query when there is no query padding (default for self-attention:
         the new queries follow the row's real cached keys, i.e. incremental decoding; 0 for cross-attention).
         """
         tq, tk = q.shape[-2], k.shape[-2]
@@ -121,7 +122,7 @@ class AttentionSite(nn.Module):
             is_causal = False
 
         need_probs = self.recorder is not None
-        out, probs = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+        out, probs = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
                                backend="eager" if need_probs else self.backend, need_probs=need_probs)
         if need_probs:
             self.recorder(self, probs, q_pos, k_pos)

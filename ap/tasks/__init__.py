@@ -22,7 +22,15 @@ def _build_lm(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModu
     return dm, module
 
 
-BUILDERS: dict[str, Callable[[DictConfig], tuple[pl.LightningDataModule, pl.LightningModule]]] = {"lm": _build_lm}
+def _build_glue(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    dm = instantiate(cfg.data, task=cfg.task.name, tokenizer=cfg.model.name_or_path)
+    module = instantiate(cfg.task.module, name_or_path=cfg.model.name_or_path, task=cfg.task.name,
+                         max_seq_len=cfg.data.max_seq_len, backend=cfg.model.backend, _convert_="all")
+    return dm, module
+
+
+BUILDERS: dict[str, Callable[[DictConfig], tuple[pl.LightningDataModule, pl.LightningModule]]] = {
+    "lm": _build_lm, "glue": _build_glue}
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
