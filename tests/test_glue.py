@@ -151,3 +151,14 @@ def test_tiny_glue_pipeline_mnli_matched_and_mismatched(tiny_bert, tmp_path):
     stats = torch.load(tmp_path / "stats.pt", weights_only=True)
     n_real = stats["count"]["bert.encoder.layer.0.attention.self.ap_site"]
     assert n_real[:, 40:].sum() == 0  # padding positions never enter the statistics
+
+
+def test_sst2_sample_from_rating_lines(tmp_path):
+    src = tmp_path / "movieReviewSnippets_GroundTruth.txt"
+    src.write_text("1\t2.26\tA fine film.\r\n2\t-0.6\tEffective but too tepid biopic\r\n3\t0\tNeutral, dropped.\r\n"
+                   "4\t1.5\tGood\tfun.\r\n5\t-2.0\tBad.\r\n")
+    sizes = glue.write_sst2_sample(src, tmp_path / "out", n_dev=1)
+    assert sizes == {"dev": 1, "train": 2}  # neutral (0) and malformed lines dropped
+    rows = [glue.read_split(tmp_path / "out/SST-2" / f, glue.TASKS["sst2"]) for f in ("train.tsv", "dev.tsv")]
+    pairs = {t[0]: y for texts, labels in rows for t, y in zip(texts, labels)}
+    assert pairs == {"A fine film.": 1, "Effective but too tepid biopic": 0, "Bad.": 0}  # the 4-column line is skipped
