@@ -36,6 +36,7 @@ class AttentionPruning(pl.Callback):
         self,
         sparsity: float | dict[str, float] = 0.9,
         scope: str = "layer",
+        block_size: int = 0,
         policy: str = "ap",
         seed: int = 0,
         calibration_batches: Optional[int] = None,
@@ -46,7 +47,7 @@ class AttentionPruning(pl.Callback):
         heatmaps: bool = True,
         config: Optional[dict[str, Any]] = None,
     ) -> None:
-        self.sparsity, self.scope, self.policy, self.seed = sparsity, scope, policy, seed
+        self.sparsity, self.scope, self.block_size, self.policy, self.seed = sparsity, scope, block_size, policy, seed
         self.calibration_batches, self.reinit = calibration_batches, reinit
         self.masks_path, self.stats_path = masks_path, stats_path
         self.output_dir = Path(output_dir) if output_dir else None
@@ -88,7 +89,7 @@ class AttentionPruning(pl.Callback):
                     self.timing["calibrate_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 self.masks = make_maskset(self.stats, model, self.sparsity, scope=self.scope, policy=self.policy,
-                                          seed=self.seed, config=self.config)
+                                          seed=self.seed, config=self.config, block_size=self.block_size)
                 self.timing["threshold_s"] = time.perf_counter() - t0
             self._write(trainer)
             log.info(f"AttentionPruning: {self.masks.meta['achieved']['overall']:.1%} of valid attention pruned\n"

@@ -35,6 +35,7 @@ class PruningConfig:
     sparsity: float = 0.0  # fraction of valid attention entries to prune, in [0, 1)
     kind_sparsity: dict[str, float] = field(default_factory=dict)  # per site kind, e.g. {cross: 0.5}; overrides sparsity
     scope: Scope = Scope.layer  # layer | head | global
+    block_size: int = 0  # 0 = element-wise masks; N > 0 = prune whole N x N tiles (what block-sparse kernels skip)
     seed: int = 0  # random policy
     calibration_batches: Optional[int] = None  # cap on calibration batches (null = one full train epoch, the paper)
     reinit: bool = False  # re-initialise weights and train from scratch with masks (the paper's LM/MT recipe)
@@ -47,6 +48,8 @@ class PruningConfig:
         for what, s in [("sparsity", self.sparsity)] + [(f"kind_sparsity.{k}", v) for k, v in self.kind_sparsity.items()]:
             if not 0.0 <= s < 1.0:
                 raise APError(f"pruning.{what}={s} is outside [0, 1): it is the fraction of attention entries pruned")
+        if self.block_size < 0:
+            raise APError(f"pruning.block_size={self.block_size} must be >= 0 (0 = element-wise masks)")
         bad = [k for k in self.kind_sparsity if k not in ("enc_self", "dec_self", "cross")]
         if bad:
             raise APError(f"pruning.kind_sparsity has unknown site kind {bad[0]!r}; use enc_self, dec_self or cross")

@@ -129,7 +129,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if pruning.enabled:  # stages 2-4: calibrate, threshold, fine-tune (the callback does 2-3 at fit start)
         callback = AttentionPruning(
-            sparsity=pruning.target(), scope=pruning.scope.value, policy=pruning.policy.value, seed=pruning.seed,
+            sparsity=pruning.target(), scope=pruning.scope.value, block_size=pruning.block_size,
+            policy=pruning.policy.value, seed=pruning.seed,
             calibration_batches=pruning.calibration_batches, reinit=pruning.reinit, masks_path=pruning.masks_path,
             stats_path=pruning.stats_path, output_dir=str(out), heatmaps=pruning.heatmaps,
             config=resolved(cfg.pruning))

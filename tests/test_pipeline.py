@@ -48,6 +48,7 @@ def test_full_pipeline_writes_every_contract_field(ap_run, tiny_data):
     assert raw["format"] == "ap-masks" and raw["version"] == 1
     assert meta["model"]["sites"] == {f"blocks.{i}.attn.site": ["dec_self", 2, 32, 32] for i in range(2)}
     assert meta["sparsity"] == 0.7 and meta["scope"] == "layer" and meta["policy"] == "ap" and meta["block_size"] == 0
+    assert meta["achieved_blocks"]["block_size"] == 64 and 0 <= meta["achieved_blocks"]["overall"] < 0.7
     assert meta["achieved"]["overall"] == pytest.approx(saved["sparsity_achieved"])
     assert meta["calibration"]["split"] == "train"
     n_blocks = (len(read_tokens(tiny_data / "wiki.train.tokens")) - 1) // 32  # block_len 32

@@ -18,7 +18,7 @@ from .errors import MaskError
 from .masks import MaskSet, signature_difference
 from .sites import AttentionSite, find_sites, model_signature
 from .stats import AttentionStats
-from .threshold import achieved_sparsity, build_masks
+from .threshold import achieved_sparsity, block_sparsity, build_masks
 
 
 @contextmanager
@@ -77,13 +77,20 @@ def make_maskset(
     seed: int = 0,
     split: str = "train",
     config: Optional[dict[str, Any]] = None,
+    block_size: int = 0,
+    report_block_size: int = 64,
 ) -> MaskSet:
-    """Threshold ``stats`` into a ``MaskSet`` for ``model`` with the full mask-file metadata."""
+    """Threshold ``stats`` into a ``MaskSet`` for ``model`` with the full mask-file metadata.
+
+    ``meta["achieved_blocks"]`` is the fraction of tiles (``block_size``, or ``report_block_size`` for element-wise
+    masks) that are entirely pruned: the part of the work a block-sparse kernel can skip.
+    """
     signature = model_signature(model)
     diff = signature_difference(stats.signature(), signature["sites"])
     if diff:
         raise MaskError(f"statistics do not fit this model: {diff}")
-    masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed)
+    masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed, block_size=block_size)
+    tile = block_size or report_block_size
     meta = {
         "model": signature,
         "sparsity": sparsity,
@@ -92,7 +99,8 @@ def make_maskset(
         "seed": seed,
         "achieved": achieved_sparsity(masks, stats),
         "calibration": {"split": split, "batches": stats.batches, "tokens": stats.tokens},
-        "block_size": 0,
+        "block_size": block_size,
+        "achieved_blocks": {"block_size": tile, **block_sparsity(masks, stats, tile)},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": config or {},
     }

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import APError
@@ -48,6 +49,27 @@ def _prune_lowest(scores: Tensor, weights: Tensor, protected: Tensor, sparsity: 
     return pruned.view(scores.shape)
 
 
+def _block_sum(x: Tensor, bs: int) -> Tensor:
+    """``(H, Q, K)`` → ``(H, ceil(Q/bs), ceil(K/bs))``: sums over ``bs × bs`` tiles (edges zero-padded)."""
+    h, q, k = x.shape
+    x = F.pad(x, (0, -k % bs, 0, -q % bs))  # (H, Qb*bs, Kb*bs)
+    return x.view(h, x.shape[1] // bs, bs, x.shape[2] // bs, bs).sum(dim=(2, 4))
+
+
+def block_sparsity(masks: dict[str, Tensor], stats: AttentionStats, block_size: int) -> dict[str, float]:
+    """Fraction of tiles with valid entries whose valid entries are all pruned (what a block-sparse kernel skips)."""
+    out: dict[str, float] = {}
+    tot_p = tot_v = 0
+    for n, keep in masks.items():
+        valid = (stats.count[n] > 0).expand_as(keep)  # (H, Q, K)
+        has_valid = _block_sum(valid.double(), block_size) > 0  # (H, Qb, Kb)
+        has_kept = _block_sum((keep & valid).double(), block_size) > 0
+        p, v = int((has_valid & ~has_kept).sum()), int(has_valid.sum())
+        out[n] = p / v if v else 0.0
+        tot_p, tot_v = tot_p + p, tot_v + v
+    return {"overall": tot_p / tot_v if tot_v else 0.0, **out}
+
+
 def _row_best(scores: Tensor, valid: Tensor) -> Tensor:
     """``(H, Q, K)`` bool: the highest-scoring valid entry of every row that has one."""
     best = scores.masked_fill(~valid, float("-inf")).argmax(-1, keepdim=True)  # (H, Q, 1)
@@ -61,11 +83,16 @@ def build_masks(
     policy: str = "ap",
     seed: int = 0,
     sites: Optional[Iterable[str]] = None,
+    block_size: int = 0,
 ) -> dict[str, Tensor]:
     """Masks ``{site: (H, Q, K) bool, True = keep}`` pruning ``sparsity`` of each scope's valid entries.
 
     ``sparsity`` may be one float or ``{site_kind: float}`` (e.g. ``{"cross": 0.5, "enc_self": 0.9}``; kinds not listed
     are not pruned). ``sites`` restricts pruning to those site names; other sites get all-True masks.
+    ``block_size > 0`` prunes whole ``block_size × block_size`` tiles instead of entries (what a block-sparse kernel can
+    skip): a tile's ``ap`` score is its mean calibrated probability over its valid occurrences, its weight the count of
+    its valid entries; each block row keeps its best tile (the diagonal one in a causal LM, which holds every query's
+    own token), so the target is met up to the weight of one tile.
     """
     if scope not in SCOPES:
         raise APError(f"unknown pruning scope {scope!r}; choose one of {SCOPES}")
@@ -78,12 +105,21 @@ def build_masks(
         if not 0.0 <= s < 1.0:
             raise APError(f"sparsity must be in [0, 1), got {s}")
 
+    if block_size < 0:
+        raise APError(f"block_size must be >= 0 (0 = element-wise), got {block_size}")
+
+    # Units that are pruned or kept as a whole: entries (H, Q, K), or tiles (H, Q/bs, K/bs) with block_size.
     gen = torch.Generator().manual_seed(seed)
-    scores = {n: (stats.mean(n) if policy == "ap" else torch.rand(stats.sum[n].shape, generator=gen, dtype=torch.float64))
-              for n in names}  # (H, Q, K)
     weights = {n: stats.count[n].expand_as(stats.sum[n]) for n in names}  # (H, Q, K)
+    if block_size:
+        weights = {n: _block_sum(w, block_size) for n, w in weights.items()}  # (H, Qb, Kb)
+    if policy == "ap":
+        scores = {n: (_block_sum(stats.sum[n], block_size) / weights[n].clamp(min=1) if block_size else stats.mean(n))
+                  for n in names}
+    else:
+        scores = {n: torch.rand(weights[n].shape, generator=gen, dtype=torch.float64) for n in names}
     pruned = {n: torch.zeros_like(weights[n], dtype=torch.bool) for n in names}
-    protected = {n: _row_best(scores[n], weights[n] > 0) for n in names}  # (H, Q, K): each row's best valid entry
+    protected = {n: _row_best(scores[n], weights[n] > 0) for n in names}  # each (block) row's best valid unit
 
     # Group the entries that share a threshold.
     groups: list[tuple[float, list[tuple[str, Optional[int]]]]] = []
@@ -116,6 +152,9 @@ def build_masks(
 
     masks = {}
     for n in names:
+        if block_size:  # tiles back to entries
+            _, q, k = stats.sum[n].shape
+            pruned[n] = pruned[n].repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)[:, :q, :k]
         keep = ~pruned[n]  # (H, Q, K)
         if SiteKind(stats.kinds[n]).causal:
             keep &= torch.ones_like(keep[0]).tril()  # causal-future entries are never kept
