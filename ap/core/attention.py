@@ -7,6 +7,9 @@ registered by name (like HF transformers' ``AttentionInterface``):
   the probabilities (used for calibration).
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; with no mask and ``is_causal`` it is the fused causal
   kernel (the honest dense baseline), with a bool mask it is a masked dense kernel (correct, not faster).
+- ``flex``: FlexAttention (compiled once per shape with ``dynamic=False``) with a ``BlockMask`` built from the
+  bool mask and cached, so tiles with no kept entry are skipped and kept tiles apply the exact element mask. Forward
+  on CPU and GPU; backward only on GPU (torch 2.13 has no CPU backward: asking for it raises). No attention dropout.
 
 Semantics shared by all backends:
 - ``mask`` is bool, broadcastable to ``(B, H, Tq, Tk)``, True = keep.
@@ -18,7 +21,7 @@ Semantics shared by all backends:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,12 +95,55 @@ def sdpa_attention(
     return out, None
 
 
+FLEX_BLOCK_SIZE = 128  # FlexAttention tile (queries x keys); pair with pruning.block_size=128 for the most skipped work
+_flex_compiled: Optional[Callable[..., Tensor]] = None
+
+
+def flex_block_mask(keep: Tensor) -> Any:
+    """A FlexAttention ``BlockMask`` for a bool ``keep`` broadcastable to ``(B, H, Tq, Tk)`` (True = keep)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    while keep.dim() < 4:
+        keep = keep[None]
+    b, h, tq, tk = keep.shape
+
+    def mask_mod(bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        return keep[bi if b > 1 else 0, hi if h > 1 else 0, qi, ki]
+
+    return create_block_mask(mask_mod, b if b > 1 else None, h if h > 1 else None, tq, tk, device=keep.device,
+                             BLOCK_SIZE=FLEX_BLOCK_SIZE)
+
+
+@register_backend("flex")
+def flex_backend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Any, is_causal: bool, dropout_p: float, scale: float, need_probs: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``mask``: a bool tensor (a ``BlockMask`` is built per call) or a prepared ``BlockMask`` (callers cache it)."""
+    global _flex_compiled
+    if dropout_p > 0:
+        raise MaskError("the flex backend has no attention dropout: use it in eval mode or with dropout 0")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise MaskError("flex attention has no backward on CPU (torch 2.13): train with backend sdpa or eager, "
+                        "use flex for inference or on a GPU")
+    if mask is None or isinstance(mask, Tensor):
+        tq, tk = q.shape[-2], k.shape[-2]
+        keep = _keep(mask, is_causal, tq, tk, q.device)
+        mask = flex_block_mask(keep if keep is not None else torch.ones(tq, tk, dtype=torch.bool, device=q.device))
+    elif is_causal:
+        raise MaskError("pass causality inside the BlockMask for the flex backend")
+    if _flex_compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled(q, k, v, block_mask=mask, scale=scale), None  # rows with no kept key give 0
+
+
 def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    mask: Optional[Tensor] = None,
+    mask: Optional[Tensor | Any] = None,
     is_causal: bool = False,
     backend: str = "sdpa",
     dropout_p: float = 0.0,
@@ -106,13 +152,14 @@ def attention(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Attention over ``q (B, H, Tq, D)``, ``k, v (B, H, Tk, D)`` → ``(out (B, H, Tq, D), probs (B, H, Tq, Tk) | None)``.
 
-    ``mask``: bool, broadcastable to ``(B, H, Tq, Tk)``, True = keep. ``need_probs`` requires a backend that computes them.
+    ``mask``: bool, broadcastable to ``(B, H, Tq, Tk)``, True = keep (the flex backend also takes a prepared
+    ``BlockMask``). ``need_probs`` requires a backend that computes them.
     """
     if backend not in BACKENDS:
         raise MaskError(f"unknown attention backend {backend!r}; choose one of {sorted(BACKENDS)} (attention.backend=...)")
     if need_probs and backend not in PROB_BACKENDS:
         raise MaskError(f"backend {backend!r} does not return attention probabilities; use one of {sorted(PROB_BACKENDS)}")
-    if mask is not None and mask.dtype != torch.bool:
+    if isinstance(mask, Tensor) and mask.dtype != torch.bool:
         raise MaskError(f"attention masks must be bool (True = keep), got {mask.dtype}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return BACKENDS[backend](q, k, v, mask, is_causal, dropout_p, scale, need_probs)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .attention import attention
+from .attention import attention, flex_block_mask
 from .errors import MaskError
 
 
@@ -57,6 +57,7 @@ class AttentionSite(nn.Module):
         self.name = ""  # bound by find_sites
         self.recorder: Optional[Recorder] = None
         self.register_buffer("mask", None, persistent=False)  # (H, Q, K) bool, True = keep; masks travel in MaskSet
+        self._block_masks: dict[tuple, Any] = {}  # flex BlockMask per (first query, first key, Tq, Tk, device)
 
     # --- masks -------------------------------------------------------------------------------------------------
     def set_mask(self, mask: Optional[Tensor]) -> None:
@@ -68,6 +69,7 @@ class AttentionSite(nn.Module):
                 raise MaskError(f"site {self.name!r}: mask shape {tuple(mask.shape)} does not fit "
                                 f"({self.n_heads} heads, queries, keys)")
         self.mask = mask  # a registered buffer: moves with model.to(device)
+        self._block_masks.clear()
 
     def _aligned_mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """The installed mask at the given real positions: ``(1|B, H, Tq, Tk)``."""
@@ -122,6 +124,15 @@ class AttentionSite(nn.Module):
             is_causal = False
 
         need_probs = self.recorder is not None
+        if self.backend == "flex" and not need_probs and not padded:
+            # One BlockMask per position window, built once (masks and causality are input-independent).
+            key = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
+            if key not in self._block_masks:
+                keep = mask if mask is not None else torch.ones(1, 1, tq, tk, dtype=torch.bool, device=q.device)
+                if is_causal:
+                    keep = keep & (k_pos[0][None, :] <= q_pos[0][:, None])  # (1, H|1, Tq, Tk)
+                self._block_masks[key] = flex_block_mask(keep)
+            mask, is_causal = self._block_masks[key], False
         out, probs = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
                                backend="eager" if need_probs else self.backend, need_probs=need_probs)
         if need_probs:
