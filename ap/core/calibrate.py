@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -91,13 +92,19 @@ def make_maskset(
         raise MaskError(f"statistics do not fit this model: {diff}")
     masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed, block_size=block_size)
     tile = block_size or report_block_size
+    achieved = achieved_sparsity(masks, stats)
+    target = max(sparsity.values()) if isinstance(sparsity, dict) else sparsity
+    if not isinstance(sparsity, dict) and achieved["overall"] < target - 0.005:
+        warnings.warn(f"target sparsity {target:.1%} is out of reach: achieved {achieved['overall']:.1%} (every query "
+                      f"row keeps its best {'tile' if block_size else 'entry'}); use smaller pruning.block_size or "
+                      f"longer sequences", stacklevel=2)
     meta = {
         "model": signature,
         "sparsity": sparsity,
         "scope": scope,
         "policy": policy,
         "seed": seed,
-        "achieved": achieved_sparsity(masks, stats),
+        "achieved": achieved,
         "calibration": {"split": split, "batches": stats.batches, "tokens": stats.tokens},
         "block_size": block_size,
         "achieved_blocks": {"block_size": tile, **block_sparsity(masks, stats, tile)},

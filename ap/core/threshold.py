@@ -91,8 +91,9 @@ def build_masks(
     are not pruned). ``sites`` restricts pruning to those site names; other sites get all-True masks.
     ``block_size > 0`` prunes whole ``block_size × block_size`` tiles instead of entries (what a block-sparse kernel can
     skip): a tile's ``ap`` score is its mean calibrated probability over its valid occurrences, its weight the count of
-    its valid entries; each block row keeps its best tile (the diagonal one in a causal LM, which holds every query's
-    own token), so the target is met up to the weight of one tile.
+    its valid entries. Self-attention sites always keep their diagonal tiles (every query keeps its own and its
+    nearest keys); cross-attention block rows keep their best tile. The target is met up to the weight of one tile,
+    unless the kept diagonal alone exceeds ``1 - sparsity`` (short sequences, big tiles): then everything else is pruned.
     """
     if scope not in SCOPES:
         raise APError(f"unknown pruning scope {scope!r}; choose one of {SCOPES}")
@@ -120,6 +121,11 @@ def build_masks(
         scores = {n: torch.rand(weights[n].shape, generator=gen, dtype=torch.float64) for n in names}
     pruned = {n: torch.zeros_like(weights[n], dtype=torch.bool) for n in names}
     protected = {n: _row_best(scores[n], weights[n] > 0) for n in names}  # each (block) row's best valid unit
+    if block_size:  # self-attention: the diagonal tiles instead
+        for n in names:
+            if SiteKind(stats.kinds[n]) is not SiteKind.CROSS:
+                diag = torch.eye(*weights[n].shape[1:], dtype=torch.bool).expand_as(weights[n])  # (H, Qb, Kb)
+                protected[n] = diag & (weights[n] > 0)
 
     # Group the entries that share a threshold.
     groups: list[tuple[float, list[tuple[str, Optional[int]]]]] = []

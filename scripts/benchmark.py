@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Attention speed: dense causal SDPA vs masked backends at block sparsity, plus whole-LM inference.
+
+    python scripts/benchmark.py                                  # CPU, L = 1024 2048, sparsity 0.5 0.9
+    python scripts/benchmark.py --lengths 2048 4096 --sparsity 0.9 --device cuda --backward
+
+Masks are causal tile masks (``--tile`` = the flex tile): the diagonal tiles are kept, a random ``sparsity`` share of
+the other valid tiles is emptied. Every ratio is ``dense causal SDPA time / backend time`` measured in the same run
+(> 1 = faster than dense); ``ideal`` = valid tiles / kept tiles. Results: a table on stdout, CSV and PNG in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ap.core import attention  # noqa: E402
+from ap.core import attention as attention_module  # noqa: E402
+from ap.core.attention import flex_block_mask  # noqa: E402
+from ap.models.transformer_lm import TransformerLM, TransformerLMConfig  # noqa: E402
+
+
+def tile_mask(length: int, heads: int, sparsity: float, tile: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Bool ``(H, L, L)`` causal mask built from whole tiles, and the fraction of valid tiles it keeps."""
+    g = torch.Generator().manual_seed(seed)
+    n = -(-length // tile)
+    valid = torch.ones(n, n, dtype=torch.bool).tril()  # (n, n) tiles with causally valid entries
+    below = valid & ~torch.eye(n, dtype=torch.bool)
+    keep = torch.eye(n, dtype=torch.bool).expand(heads, n, n).clone()  # (H, n, n): diagonal tiles always kept
+    n_keep = round((1 - sparsity) * int(valid.sum())) - n  # tiles to keep besides the diagonal
+    for h in range(heads):
+        idx = below.nonzero()
+        chosen = idx[torch.randperm(len(idx), generator=g)[:max(0, n_keep)]]
+        keep[h, chosen[:, 0], chosen[:, 1]] = True
+    full = keep.repeat_interleave(tile, 1).repeat_interleave(tile, 2)[:, :length, :length]
+    return full & torch.ones(length, length, dtype=torch.bool).tril(), float(keep.sum()) / (heads * int(valid.sum()))
+
+
+def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
+    """Median seconds of ``fn()`` after two warm-up calls."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(2):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def attention_rows(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for length in args.lengths:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(args.batch, args.heads, length, args.dim, generator=g).to(args.device) for _ in range(3))
+        dense = timed(lambda: attention(q, k, v, is_causal=True, backend="sdpa"), args.repeats, args.device)
+        rows.append({"what": "attention fwd", "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
+                     "seconds": dense, "ratio": 1.0, "ideal": 1.0})
+        for sparsity in args.sparsity:
+            mask, kept = tile_mask(length, args.heads, sparsity, args.tile)
+            mask = mask.to(args.device)[None]  # (1, H, L, L)
+            block_mask = flex_block_mask(mask)
+            runs = {"eager masked": lambda: attention(q, k, v, mask=mask, backend="eager"),
+                    "sdpa masked": lambda: attention(q, k, v, mask=mask, backend="sdpa"),
+                    "flex": lambda: attention(q, k, v, mask=block_mask, backend="flex")}
+            for name, fn in runs.items():
+                with torch.no_grad():
+                    s = timed(fn, args.repeats, args.device)
+                rows.append({"what": "attention fwd", "length": length, "sparsity": sparsity, "backend": name,
+                             "seconds": s, "ratio": dense / s, "ideal": 1 / kept})
+        if args.backward:
+            rows += backward_rows(args, length, q, k, v)
+    return rows
+
+
+def backward_rows(args: argparse.Namespace, length: int, q, k, v) -> list[dict]:
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def step(**kw) -> Callable[[], None]:
+        return lambda: attention(q, k, v, **kw)[0].sum().backward()
+
+    dense = timed(step(is_causal=True, backend="sdpa"), args.repeats, args.device)
+    rows = [{"what": "attention fwd+bwd", "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
+             "seconds": dense, "ratio": 1.0, "ideal": 1.0}]
+    for sparsity in args.sparsity:
+        mask, kept = tile_mask(length, args.heads, sparsity, args.tile)
+        mask = mask.to(args.device)[None]
+        runs = {"eager masked": step(mask=mask, backend="eager"), "sdpa masked": step(mask=mask, backend="sdpa")}
+        if args.device == "cuda":  # flex has no CPU backward in torch 2.13
+            runs["flex"] = step(mask=flex_block_mask(mask), backend="flex")
+        for name, fn in runs.items():
+            s = timed(fn, args.repeats, args.device)
+            rows.append({"what": "attention fwd+bwd", "length": length, "sparsity": sparsity, "backend": name,
+                         "seconds": s, "ratio": dense / s, "ideal": 1 / kept})
+    return rows
+
+
+def lm_rows(args: argparse.Namespace) -> list[dict]:
+    """Whole-model inference: the demo-size LM (d 128, 4 layers, 4 heads) at ``--lm-length``, same weights."""
+    length = args.lm_length
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerLMConfig(vocab_size=8000, block_len=length, dropout=0.0)).to(args.device).eval()
+    x = torch.randint(0, 8000, (args.batch, length), device=args.device)
+    with torch.no_grad():
+        dense = timed(lambda: model(x), args.repeats, args.device)
+        rows = [{"what": "LM inference", "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
+                 "seconds": dense, "ratio": 1.0, "ideal": 1.0}]
+        for sparsity in args.sparsity:
+            mask, kept = tile_mask(length, model.cfg.n_heads, sparsity, args.tile)
+            for block in model.blocks:
+                block.attn.site.set_mask(mask.to(args.device))
+                block.attn.site.backend = "flex"
+            s = timed(lambda: model(x), args.repeats, args.device)
+            rows.append({"what": "LM inference", "length": length, "sparsity": sparsity, "backend": "flex",
+                         "seconds": s, "ratio": dense / s, "ideal": 1 / kept})
+            for block in model.blocks:
+                block.attn.site.set_mask(None)
+                block.attn.site.backend = "sdpa"
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.9], help="share of valid tiles emptied")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--tile", type=int, default=attention_module.FLEX_BLOCK_SIZE)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backward", action="store_true", help="also time forward+backward")
+    parser.add_argument("--lm-length", type=int, default=2048, help="0 skips the whole-LM benchmark")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    attention_module.FLEX_BLOCK_SIZE = args.tile
+    rows = attention_rows(args) + (lm_rows(args) if args.lm_length else [])
+
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"B{args.batch} H{args.heads} D{args.dim}, tile {args.tile}; ratio = dense causal SDPA time / time")
+    print(f"{'what':<18} {'L':>5} {'sparsity':>8} {'backend':<20} {'ms':>9} {'ratio':>6} {'ideal':>6} {'of ideal':>8}")
+    for r in rows:
+        print(f"{r['what']:<18} {r['length']:>5} {r['sparsity']:>8.0%} {r['backend']:<20} {1000 * r['seconds']:>9.2f} "
+              f"{r['ratio']:>6.2f} {r['ideal']:>6.2f} {r['ratio'] / r['ideal']:>8.2f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "benchmark.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader(), writer.writerows(rows)
+    plot(rows, args.out / "benchmark.png")
+    print(f"wrote {args.out / 'benchmark.csv'} and {args.out / 'benchmark.png'}")
+    return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (what, backend, sparsity) in sorted({(r["what"], r["backend"], r["sparsity"]) for r in rows if r["sparsity"]}):
+        pts = sorted((r["length"], r["ratio"]) for r in rows
+                     if (r["what"], r["backend"], r["sparsity"]) == (what, backend, sparsity))
+        ax.plot(*zip(*pts), marker="o", label=f"{what}, {backend}, {sparsity:.0%}")
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log", base=2), ax.set_yscale("log", base=2)
+    ax.set_xlabel("sequence length"), ax.set_ylabel("speed-up vs dense causal SDPA")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
