@@ -24,8 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ap.core import attention  # noqa: E402
-from ap.core import attention as attention_module  # noqa: E402
-from ap.core.attention import flex_block_mask  # noqa: E402
+from ap.core.attention import FLEX_BLOCK_SIZE, flex_block_mask  # noqa: E402
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig  # noqa: E402
 
 
@@ -71,7 +70,7 @@ def attention_rows(args: argparse.Namespace) -> list[dict]:
         for sparsity in args.sparsity:
             mask, kept = tile_mask(length, args.heads, sparsity, args.tile)
             mask = mask.to(args.device)[None]  # (1, H, L, L)
-            block_mask = flex_block_mask(mask)
+            block_mask = flex_block_mask(mask, args.tile)
             runs = {"eager masked": lambda: attention(q, k, v, mask=mask, backend="eager"),
                     "sdpa masked": lambda: attention(q, k, v, mask=mask, backend="sdpa"),
                     "flex": lambda: attention(q, k, v, mask=block_mask, backend="flex")}
@@ -99,7 +98,7 @@ def backward_rows(args: argparse.Namespace, length: int, q, k, v) -> list[dict]:
         mask = mask.to(args.device)[None]
         runs = {"eager masked": step(mask=mask, backend="eager"), "sdpa masked": step(mask=mask, backend="sdpa")}
         if args.device == "cuda":  # flex has no CPU backward in torch 2.13
-            runs["flex"] = step(mask=flex_block_mask(mask), backend="flex")
+            runs["flex"] = step(mask=flex_block_mask(mask, args.tile), backend="flex")
         for name, fn in runs.items():
             s = timed(fn, args.repeats, args.device)
             rows.append({"what": "attention fwd+bwd", "length": length, "sparsity": sparsity, "backend": name,
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--tile", type=int, default=attention_module.FLEX_BLOCK_SIZE)
+    parser.add_argument("--tile", type=int, default=FLEX_BLOCK_SIZE, help="mask tile = flex BLOCK_SIZE")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--lm-length", type=int, default=2048, help="0 skips the whole-LM benchmark")
@@ -148,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    attention_module.FLEX_BLOCK_SIZE = args.tile
     rows = attention_rows(args) + (lm_rows(args) if args.lm_length else [])
 
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "

@@ -48,3 +48,23 @@ def test_flex_refuses_what_it_cannot_do():
         site(x, x, x)
     with pytest.raises(MaskError, match="dropout"):
         attention(x.detach(), x.detach(), x.detach(), backend="flex", dropout_p=0.1)
+
+
+def test_benchmark_script_writes_table_csv_and_plot(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark.py"), "--lengths", "256", "--sparsity", "0.75",
+                           "--batch", "1", "--heads", "2", "--dim", "8", "--repeats", "1", "--tile", "64",
+                           "--lm-length", "0", "--backward", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
+    assert len(rows) == 4 + 3  # forward: dense + 3 backends; fwd+bwd on CPU: dense + eager + sdpa masked
+    assert "flex" in proc.stdout and (tmp_path / "benchmark.png").stat().st_size > 1000
+    # 256 positions in 64-wide tiles: 10 valid tiles; the 4 diagonal ones are always kept (> 25 %): ideal 10/4
+    flex = next(r for r in rows if r["backend"] == "flex")
+    assert float(flex["ideal"]) == 2.5 and float(flex["ratio"]) > 0

@@ -99,8 +99,8 @@ FLEX_BLOCK_SIZE = 128  # FlexAttention tile (queries x keys); pair with pruning.
 _flex_compiled: Optional[Callable[..., Tensor]] = None
 
 
-def flex_block_mask(keep: Tensor) -> Any:
-    """A FlexAttention ``BlockMask`` for a bool ``keep`` broadcastable to ``(B, H, Tq, Tk)`` (True = keep)."""
+def flex_block_mask(keep: Tensor, block_size: int = FLEX_BLOCK_SIZE) -> Any:
+    """A FlexAttention ``BlockMask`` with ``block_size`` tiles for a bool ``keep`` broadcastable to ``(B, H, Tq, Tk)``."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     while keep.dim() < 4:
@@ -111,7 +111,7 @@ def flex_block_mask(keep: Tensor) -> Any:
         return keep[bi if b > 1 else 0, hi if h > 1 else 0, qi, ki]
 
     return create_block_mask(mask_mod, b if b > 1 else None, h if h > 1 else None, tq, tk, device=keep.device,
-                             BLOCK_SIZE=FLEX_BLOCK_SIZE)
+                             BLOCK_SIZE=block_size)
 
 
 @register_backend("flex")
