@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ap.core import AttentionStats, MaskSet, calibrate, find_sites, make_maskset
+from ap.core import MaskSet, calibrate, find_sites, make_maskset
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
 
 

