@@ -1,6 +1,7 @@
 """The experiment pipeline behind ``run.py`` (DESIGN §1):
 
-    dense ─► evaluate dense ─► calibrate ─► threshold ─► finetune with masks ─► evaluate ─► results.json
+    dense ─► evaluate dense ─► [dense+ft baseline] ─► calibrate ─► threshold ─► evaluate pruned (no fine-tuning)
+          ─► finetune with masks ─► evaluate ─► results.json
 
 ``pruning=none`` stops after the dense stage. ``ckpt_path`` resumes the training stage (the fine-tune stage when pruning,
 with the masks restored from the checkpoint); ``pruning.dense_ckpt`` starts from saved dense weights.
@@ -141,9 +142,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer = make_trainer(cfg, "finetune", loggers, [callback])
         if not (cfg.ckpt_path or pruning.reinit):  # the pruned model before fine-tuning (masks are made here)
             results["pruned_before_finetune_metrics"] = trainer.validate(module, dm, verbose=False)[0]
+            timing["evaluate_pruned_s"] = time.perf_counter() - t0 - sum(callback.timing.values())
+        t1 = time.perf_counter()
         trainer.fit(module, dm, ckpt_path=cfg.ckpt_path)
         timing.update(callback.timing)
-        timing["finetune_s"] = time.perf_counter() - t0 - sum(callback.timing.values())
+        timing["finetune_s"] = time.perf_counter() - t1 - (0.0 if "evaluate_pruned_s" in timing
+                                                          else sum(callback.timing.values()))
 
     t0 = time.perf_counter()
     results["metrics"] = evaluate(cfg, module, dm, loggers)  # stage 5
