@@ -68,3 +68,15 @@ def test_benchmark_script_writes_table_csv_and_plot(tmp_path):
     # 256 positions in 64-wide tiles: 10 valid tiles; the 4 diagonal ones are always kept (> 25 %): ideal 10/4
     flex = next(r for r in rows if r["backend"] == "flex")
     assert float(flex["ideal"]) == 2.5 and float(flex["ratio"]) > 0
+
+
+def test_auto_backend_runs_flex_at_inference_and_matches_eager():
+    from test_sites_stats import tile_mask_site
+
+    site = tile_mask_site(0.9)
+    q, k, v = (torch.randn(1, 2, 512, 8) for _ in range(3))
+    with torch.no_grad():
+        out = site(q, k, v)
+        assert len(site._block_masks) == 1, "auto chose flex"
+        site.backend = "eager"
+        torch.testing.assert_close(out, site(q, k, v), atol=1e-5, rtol=1e-5)

@@ -143,3 +143,37 @@ def test_merge_and_save_round_trip(tmp_path):
     assert loaded.signature() == {"s": ["enc_self", 2, 5, 5]}
     with pytest.raises(APError, match="not found"):
         AttentionStats.load(tmp_path / "missing.pt")
+
+
+def tile_mask_site(empty_share: float, length: int = 512, tile: int = 64) -> AttentionSite:
+    """A causal site whose mask keeps the diagonal tiles plus the first ``1 - empty_share`` of the other valid tiles."""
+    n = length // tile
+    tiles = torch.eye(n, dtype=torch.bool)
+    below = torch.ones(n, n, dtype=torch.bool).tril(-1).nonzero()
+    extra = round((1 - empty_share) * n * (n + 1) / 2) - n
+    tiles[below[:max(0, extra), 0], below[:max(0, extra), 1]] = True
+    site = AttentionSite("dec_self", 2, length, length, backend="auto")
+    site.set_mask(tiles.repeat_interleave(tile, 0).repeat_interleave(tile, 1).tril().expand(2, -1, -1).clone())
+    return site
+
+
+def test_auto_backend_choices():
+    from ap.core.sites import AUTO_FLEX_MIN_EMPTY
+
+    sparse, dense_ish = tile_mask_site(0.9), tile_mask_site(0.5)
+    q_pos = k_pos = real_positions(None, 512)
+    window = (0, 0, 512, 512, torch.device("cpu"))
+    for site in (sparse, dense_ish):
+        site.name = "s"
+    mask = sparse._aligned_mask(q_pos, k_pos)
+    assert sparse.choose_backend(mask, True, False, False, 0.0, q_pos, k_pos, window) == "flex"
+    assert sparse._empty_tiles[window] >= AUTO_FLEX_MIN_EMPTY
+    assert sparse.choose_backend(mask, True, False, True, 0.0, q_pos, k_pos, window) == "sdpa", "no CPU flex backward"
+    assert sparse.choose_backend(mask, True, True, False, 0.0, q_pos, k_pos, window) == "sdpa", "padded batch"
+    assert sparse.choose_backend(None, True, False, False, 0.0, q_pos, k_pos, window) == "sdpa", "no mask: dense"
+    half = dense_ish._aligned_mask(q_pos, k_pos)
+    assert dense_ish.choose_backend(half, True, False, False, 0.0, q_pos, k_pos, window) == "sdpa"
+    x = torch.randn(1, 2, 512, 8, requires_grad=True)  # training on CPU runs (sdpa) and matches eager
+    out = sparse(x, x, x)
+    sparse.backend = "eager"
+    torch.testing.assert_close(out, sparse(x, x, x))

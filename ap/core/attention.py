@@ -7,6 +7,9 @@ registered by name (like HF transformers' ``AttentionInterface``):
   the probabilities (used for calibration).
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; with no mask and ``is_causal`` it is the fused causal
   kernel (the honest dense baseline), with a bool mask it is a masked dense kernel (correct, not faster).
+- ``auto`` (resolved per call by ``AttentionSite``): ``sdpa`` to train on CPU, ``flex`` to train on GPU, and at
+  inference ``flex`` when the mask empties at least ``AUTO_FLEX_MIN_EMPTY`` of the valid tiles of a window of
+  ``AUTO_FLEX_MIN_LEN`` keys or more (where ``scripts/benchmark.py`` measured flex ahead), else ``sdpa``.
 - ``flex``: FlexAttention (compiled once per shape with ``dynamic=False``) with a ``BlockMask`` built from the
   bool mask and cached, so tiles with no kept entry are skipped and kept tiles apply the exact element mask. Forward
   on CPU and GPU; backward only on GPU (torch 2.13 has no CPU backward: asking for it raises). No attention dropout.
@@ -93,6 +96,13 @@ def sdpa_attention(
         keep = _keep(mask, is_causal, tq, tk, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=scale)
     return out, None
+
+
+def tile_sum(x: Tensor, bs: int) -> Tensor:
+    """``(..., Q, K)`` → ``(..., ceil(Q/bs), ceil(K/bs))``: sums over ``bs × bs`` tiles (edges zero-padded)."""
+    q, k = x.shape[-2:]
+    x = F.pad(x, (0, -k % bs, 0, -q % bs))  # (..., Qb*bs, Kb*bs)
+    return x.unflatten(-1, (-1, bs)).unflatten(-3, (-1, bs)).sum(dim=(-3, -1))
 
 
 FLEX_BLOCK_SIZE = 64  # FlexAttention tile (queries x keys): 64 beat 128 and 256 on 2 CPU cores; pair with pruning.block_size=64

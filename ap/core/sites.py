@@ -10,13 +10,14 @@ A site's name is its dotted module path in the model (``blocks.0.attn.site``); `
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .attention import attention, flex_block_mask
+from .attention import FLEX_BLOCK_SIZE, attention, flex_block_mask, tile_sum
 from .errors import MaskError
 
 
@@ -29,6 +30,10 @@ class SiteKind(str, Enum):
     def causal(self) -> bool:
         return self is SiteKind.DEC_SELF
 
+
+log = logging.getLogger(__name__)
+AUTO_FLEX_MIN_EMPTY = 0.75  # backend auto: flex from this share of empty valid tiles (flex lost at 50 %, won at 88-90 %)
+AUTO_FLEX_MIN_LEN = 512  # ... and this many keys (below, flex's fixed cost per call dominates)
 
 # recorder(site, probs (B, H, Tq, Tk), q_pos (B|1, Tq), k_pos (B|1, Tk)); positions are -1 at padding.
 Recorder = Callable[["AttentionSite", Tensor, Tensor, Tensor], None]
@@ -58,6 +63,8 @@ class AttentionSite(nn.Module):
         self.recorder: Optional[Recorder] = None
         self.register_buffer("mask", None, persistent=False)  # (H, Q, K) bool, True = keep; masks travel in MaskSet
         self._block_masks: dict[tuple, Any] = {}  # flex BlockMask per (first query, first key, Tq, Tk, device)
+        self._empty_tiles: dict[tuple, float] = {}  # share of valid tiles the mask empties, per window (backend auto)
+        self._auto_logged: set[tuple[str, bool]] = set()
 
     # --- masks -------------------------------------------------------------------------------------------------
     def set_mask(self, mask: Optional[Tensor]) -> None:
@@ -70,6 +77,7 @@ class AttentionSite(nn.Module):
                                 f"({self.n_heads} heads, queries, keys)")
         self.mask = mask  # a registered buffer: moves with model.to(device)
         self._block_masks.clear()
+        self._empty_tiles.clear()
 
     def _aligned_mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """The installed mask at the given real positions: ``(1|B, H, Tq, Tk)``."""
@@ -124,20 +132,51 @@ class AttentionSite(nn.Module):
             is_causal = False
 
         need_probs = self.recorder is not None
-        if self.backend == "flex" and not need_probs and not padded:
+        backend = "eager" if need_probs else self.backend
+        window = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
+        if backend == "auto":
+            training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            backend = self.choose_backend(mask, is_causal, padded, training, dropout_p, q_pos, k_pos, window)
+        if backend == "flex" and not padded:
             # One BlockMask per position window, built once (masks and causality are input-independent).
-            key = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
-            if key not in self._block_masks:
-                keep = mask if mask is not None else torch.ones(1, 1, tq, tk, dtype=torch.bool, device=q.device)
-                if is_causal:
-                    keep = keep & (k_pos[0][None, :] <= q_pos[0][:, None])  # (1, H|1, Tq, Tk)
-                self._block_masks[key] = flex_block_mask(keep)
-            mask, is_causal = self._block_masks[key], False
+            if window not in self._block_masks:
+                self._block_masks[window] = flex_block_mask(self._window_keep(mask, is_causal, q_pos, k_pos, window))
+            mask, is_causal = self._block_masks[window], False
         out, probs = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
-                               backend="eager" if need_probs else self.backend, need_probs=need_probs)
+                               backend=backend, need_probs=need_probs)
         if need_probs:
             self.recorder(self, probs, q_pos, k_pos)
         return out
+
+    @staticmethod
+    def _window_keep(mask: Optional[Tensor], is_causal: bool, q_pos: Tensor, k_pos: Tensor, window: tuple) -> Tensor:
+        """The window's keep-mask with causality folded in: ``(1, H|1, Tq, Tk)``."""
+        _, _, tq, tk, device = window
+        keep = mask if mask is not None else torch.ones(1, 1, tq, tk, dtype=torch.bool, device=device)
+        return keep & (k_pos[0][None, :] <= q_pos[0][:, None]) if is_causal else keep
+
+    def choose_backend(self, mask: Optional[Tensor], is_causal: bool, padded: bool, training: bool, dropout_p: float,
+                       q_pos: Tensor, k_pos: Tensor, window: tuple) -> str:
+        """What ``backend="auto"`` runs for this call (logged once per site and choice)."""
+        device = window[4]
+        if mask is None or padded or dropout_p > 0:
+            choice = "sdpa"  # dense: the fused kernel; padded batches: per-batch masks; dropout: flex has none
+        elif training:
+            choice = "flex" if device.type == "cuda" else "sdpa"  # flex has no CPU backward (torch 2.13)
+        else:
+            if window not in self._empty_tiles:
+                keep = self._window_keep(mask, is_causal, q_pos, k_pos, window).any(0)  # (H|1, Tq, Tk)
+                valid = self._window_keep(None, is_causal, q_pos, k_pos, window)[0]  # (1, Tq, Tk)
+                has_valid = tile_sum(valid.double(), FLEX_BLOCK_SIZE) > 0
+                has_kept = tile_sum(keep.double(), FLEX_BLOCK_SIZE) > 0
+                self._empty_tiles[window] = float((has_valid & ~has_kept).sum() / has_valid.expand_as(has_kept).sum())
+            big = window[3] >= AUTO_FLEX_MIN_LEN and self._empty_tiles[window] >= AUTO_FLEX_MIN_EMPTY
+            choice = "flex" if big else "sdpa"
+        if (choice, training) not in self._auto_logged:
+            self._auto_logged.add((choice, training))
+            log.info(f"site {self.name}: backend auto -> {choice} ({'training' if training else 'inference'} on "
+                     f"{device.type})")
+        return choice
 
     def extra_repr(self) -> str:
         masked = "masked" if self.mask is not None else "dense"

@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import tile_sum
 from .errors import APError
 from .sites import SiteKind
 from .stats import AttentionStats
@@ -49,21 +49,14 @@ def _prune_lowest(scores: Tensor, weights: Tensor, protected: Tensor, sparsity: 
     return pruned.view(scores.shape)
 
 
-def _block_sum(x: Tensor, bs: int) -> Tensor:
-    """``(H, Q, K)`` → ``(H, ceil(Q/bs), ceil(K/bs))``: sums over ``bs × bs`` tiles (edges zero-padded)."""
-    h, q, k = x.shape
-    x = F.pad(x, (0, -k % bs, 0, -q % bs))  # (H, Qb*bs, Kb*bs)
-    return x.view(h, x.shape[1] // bs, bs, x.shape[2] // bs, bs).sum(dim=(2, 4))
-
-
 def block_sparsity(masks: dict[str, Tensor], stats: AttentionStats, block_size: int) -> dict[str, float]:
     """Fraction of tiles with valid entries whose valid entries are all pruned (what a block-sparse kernel skips)."""
     out: dict[str, float] = {}
     tot_p = tot_v = 0
     for n, keep in masks.items():
         valid = (stats.count[n] > 0).expand_as(keep)  # (H, Q, K)
-        has_valid = _block_sum(valid.double(), block_size) > 0  # (H, Qb, Kb)
-        has_kept = _block_sum((keep & valid).double(), block_size) > 0
+        has_valid = tile_sum(valid.double(), block_size) > 0  # (H, Qb, Kb)
+        has_kept = tile_sum((keep & valid).double(), block_size) > 0
         p, v = int((has_valid & ~has_kept).sum()), int(has_valid.sum())
         out[n] = p / v if v else 0.0
         tot_p, tot_v = tot_p + p, tot_v + v
@@ -113,9 +106,9 @@ def build_masks(
     gen = torch.Generator().manual_seed(seed)
     weights = {n: stats.count[n].expand_as(stats.sum[n]) for n in names}  # (H, Q, K)
     if block_size:
-        weights = {n: _block_sum(w, block_size) for n, w in weights.items()}  # (H, Qb, Kb)
+        weights = {n: tile_sum(w, block_size) for n, w in weights.items()}  # (H, Qb, Kb)
     if policy == "ap":
-        scores = {n: (_block_sum(stats.sum[n], block_size) / weights[n].clamp(min=1) if block_size else stats.mean(n))
+        scores = {n: (tile_sum(stats.sum[n], block_size) / weights[n].clamp(min=1) if block_size else stats.mean(n))
                   for n in names}
     else:
         scores = {n: torch.rand(weights[n].shape, generator=gen, dtype=torch.float64) for n in names}
