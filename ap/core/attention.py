@@ -105,6 +105,13 @@ def tile_sum(x: Tensor, bs: int) -> Tensor:
     return x.unflatten(-1, (-1, bs)).unflatten(-3, (-1, bs)).sum(dim=(-3, -1))
 
 
+def empty_tiles(keep: Tensor, valid: Tensor, bs: int) -> tuple[int, int]:
+    """``(tiles whose valid entries are all pruned, tiles with a valid entry)`` for bool ``keep``/``valid (..., Q, K)``."""
+    has_valid = tile_sum(valid.double(), bs) > 0  # (..., Qb, Kb)
+    has_kept = tile_sum((keep & valid).double(), bs) > 0
+    return int((has_valid & ~has_kept).sum()), int(has_valid.expand_as(has_kept).sum())
+
+
 FLEX_BLOCK_SIZE = 64  # FlexAttention tile (queries x keys): 64 beat 128 and 256 on 2 CPU cores; pair with pruning.block_size=64
 _flex_compiled: Optional[Callable[..., Tensor]] = None
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .attention import FLEX_BLOCK_SIZE, attention, flex_block_mask, tile_sum
+from .attention import FLEX_BLOCK_SIZE, attention, empty_tiles, flex_block_mask
 from .errors import MaskError
 
 
@@ -110,8 +110,9 @@ class AttentionSite(nn.Module):
     ) -> Tensor:
         """``q (B, H, Tq, D)``, ``k, v (B, H, Tk, D)``, paddings ``(B, T)`` True = pad → ``(B, H, Tq, D)``.
 
-        ``scale`` defaults to ``1/sqrt(D)``. ``q_offset``: real position of the first query when there is no query padding (default for self-attention:
-        the new queries follow the row's real cached keys, i.e. incremental decoding; 0 for cross-attention).
+        ``scale`` defaults to ``1/sqrt(D)``. ``q_offset``: real position of the first query when there is no query
+        padding (default for self-attention: the new queries follow the row's real cached keys, i.e. incremental
+        decoding; 0 for cross-attention).
         """
         tq, tk = q.shape[-2], k.shape[-2]
         k_pos = real_positions(k_padding, tk, 0, q.device)  # (1|B, Tk)
@@ -133,7 +134,8 @@ class AttentionSite(nn.Module):
 
         need_probs = self.recorder is not None
         backend = "eager" if need_probs else self.backend
-        window = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
+        if backend in ("auto", "flex"):  # (two host syncs: only for the backends that cache per position window)
+            window = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
         if backend == "auto":
             training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
             backend = self.choose_backend(mask, is_causal, padded, training, dropout_p, q_pos, k_pos, window)
@@ -165,11 +167,10 @@ class AttentionSite(nn.Module):
             choice = "flex" if device.type == "cuda" else "sdpa"  # flex has no CPU backward (torch 2.13)
         else:
             if window not in self._empty_tiles:
-                keep = self._window_keep(mask, is_causal, q_pos, k_pos, window).any(0)  # (H|1, Tq, Tk)
+                keep = self._window_keep(mask, is_causal, q_pos, k_pos, window)[0]  # (H|1, Tq, Tk)
                 valid = self._window_keep(None, is_causal, q_pos, k_pos, window)[0]  # (1, Tq, Tk)
-                has_valid = tile_sum(valid.double(), FLEX_BLOCK_SIZE) > 0
-                has_kept = tile_sum(keep.double(), FLEX_BLOCK_SIZE) > 0
-                self._empty_tiles[window] = float((has_valid & ~has_kept).sum() / has_valid.expand_as(has_kept).sum())
+                empty, total = empty_tiles(keep, valid.expand_as(keep), FLEX_BLOCK_SIZE)
+                self._empty_tiles[window] = empty / total
             big = window[3] >= AUTO_FLEX_MIN_LEN and self._empty_tiles[window] >= AUTO_FLEX_MIN_EMPTY
             choice = "flex" if big else "sdpa"
         if (choice, training) not in self._auto_logged:

@@ -22,7 +22,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from .attention import tile_sum
+from .attention import empty_tiles, tile_sum
 from .errors import APError
 from .sites import SiteKind
 from .stats import AttentionStats
@@ -54,10 +54,7 @@ def block_sparsity(masks: dict[str, Tensor], stats: AttentionStats, block_size: 
     out: dict[str, float] = {}
     tot_p = tot_v = 0
     for n, keep in masks.items():
-        valid = (stats.count[n] > 0).expand_as(keep)  # (H, Q, K)
-        has_valid = tile_sum(valid.double(), block_size) > 0  # (H, Qb, Kb)
-        has_kept = tile_sum((keep & valid).double(), block_size) > 0
-        p, v = int((has_valid & ~has_kept).sum()), int(has_valid.sum())
+        p, v = empty_tiles(keep, (stats.count[n] > 0).expand_as(keep), block_size)
         out[n] = p / v if v else 0.0
         tot_p, tot_v = tot_p + p, tot_v + v
     return {"overall": tot_p / tot_v if tot_v else 0.0, **out}
