@@ -27,7 +27,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from ap.callback import AttentionPruning
 from ap.config import PruningConfig, check, pruning_config, resolved
-from ap.core import APError, AttentionStats, MaskSet, model_signature, signature_difference
+from ap.core import APError, AttentionStats, MaskSet
 from ap.report import results_table
 from ap.tasks import build
 
@@ -72,10 +72,7 @@ def check_reused_files(pruning: PruningConfig, module: pl.LightningModule) -> No
     if pruning.masks_path:
         MaskSet.load(pruning.masks_path).validate(module.model)
     if pruning.stats_path:
-        diff = signature_difference(AttentionStats.load(pruning.stats_path).signature(),
-                                    model_signature(module.model)["sites"])
-        if diff:
-            raise APError(f"statistics {pruning.stats_path} do not fit this model: {diff}")
+        AttentionStats.load(pruning.stats_path).validate(module.model, source=f"statistics {pruning.stats_path}")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -15,8 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from .errors import MaskError
-from .masks import MaskSet, signature_difference
+from .masks import MaskSet
 from .sites import AttentionSite, find_sites, model_signature
 from .stats import AttentionStats
 from .threshold import achieved_sparsity, block_sparsity, build_masks
@@ -86,10 +85,7 @@ def make_maskset(
     ``meta["achieved_blocks"]`` is the fraction of tiles (``block_size``, or ``report_block_size`` for element-wise
     masks) that are entirely pruned: the part of the work a block-sparse kernel can skip.
     """
-    signature = model_signature(model)
-    diff = signature_difference(stats.signature(), signature["sites"])
-    if diff:
-        raise MaskError(f"statistics do not fit this model: {diff}")
+    stats.validate(model)
     masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed, block_size=block_size)
     tile = block_size or report_block_size
     achieved = achieved_sparsity(masks, stats)
@@ -98,7 +94,7 @@ def make_maskset(
                       f"row keeps its best {'tile' if block_size else 'entry'}); use smaller pruning.block_size or "
                       f"longer sequences", stacklevel=2)
     meta = {
-        "model": signature,
+        "model": model_signature(model),
         "sparsity": sparsity,
         "scope": scope,
         "policy": policy,

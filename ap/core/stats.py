@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .errors import APError
-from .sites import AttentionSite, SiteKind
+from .errors import APError, MaskError
+from .masks import signature_difference
+from .sites import AttentionSite, SiteKind, model_signature
 
 
 class AttentionStats:
@@ -129,6 +130,12 @@ class AttentionStats:
         if not path.is_file():
             raise APError(f"statistics file {path} not found (pruning.stats_path); a calibration run writes stats.pt")
         return cls.from_state_dict(torch.load(path, weights_only=True))
+
+    def validate(self, model: nn.Module, source: str = "statistics") -> None:
+        """Raise ``MaskError`` naming the first difference if these statistics were not taken on ``model``'s sites."""
+        diff = signature_difference(self.signature(), model_signature(model)["sites"])
+        if diff:
+            raise MaskError(f"{source} do not fit this model: {diff}")
 
     def signature(self) -> dict[str, list]:
         """``{site: [kind, n_heads, max_q, max_k]}``, comparable with ``model_signature(model)["sites"]``."""
