@@ -3,6 +3,8 @@
 
     python scripts/prepare_data.py lm_sample              # English WEB Bible, WikiText format  -> data/lm_sample/
     python scripts/prepare_data.py glue_sample            # Rotten Tomatoes sentences as SST-2   -> data/glue_sample/
+    python scripts/prepare_data.py wmt_sample             # German->English Bible, sentencepiece + fairseq data-bin
+                                                          #                                      -> data/wmt_sample/
     python scripts/prepare_data.py wikitext103 --src DIR  # check + link a WikiText-103 download -> data/wikitext-103/
     python scripts/prepare_data.py wikitext2 --src DIR    # same for WikiText-2                 -> data/wikitext-2/
 
@@ -12,13 +14,14 @@ Existing prepared data is kept (use ``--force`` to rebuild).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ap.core.errors import APError  # noqa: E402
-from ap.data import bible, glue, wikitext  # noqa: E402
+from ap.data import bible, glue, translation, wikitext  # noqa: E402
 
 WIKITEXT = {
     "wikitext103": ("wikitext-103", "https://www.salesforce.com/products/einstein/ai-research/the-wikitext-dependency-"
@@ -46,6 +49,27 @@ def prepare_glue_sample(data_dir: Path, force: bool) -> None:
     print(f"glue_sample written to {out / 'SST-2'}: " + ", ".join(f"{s} {n:,} sentences" for s, n in sizes.items()))
 
 
+def prepare_wmt_sample(data_dir: Path, force: bool, vocab_size: int = 8000) -> None:
+    """German (Elberfelder) -> English (WEB) verse pairs, a joint sentencepiece model, and a fairseq data-bin."""
+    out = data_dir / "wmt_sample"
+    if not force and translation.is_data_bin(out / "data-bin", "de", "en"):
+        print(f"wmt_sample already prepared in {out} (--force rebuilds it)")
+        return
+    if force:
+        shutil.rmtree(out, ignore_errors=True)
+    db = bible.fetch_bible_db(data_dir / "cache")
+    sizes = bible.write_parallel_sample(db, out / "raw", src="e", tgt="4", langs=("de", "en"))
+    spm_model = translation.train_sentencepiece([out / "raw" / "train.de", out / "raw" / "train.en"], out / "spm",
+                                                vocab_size)
+    (out / "spm").mkdir(exist_ok=True)
+    for split in translation.SPLITS:
+        for lang in ("de", "en"):
+            translation.encode_sentencepiece(spm_model, out / "raw" / f"{split}.{lang}", out / "spm" / f"{split}.{lang}")
+    translation.binarize(out / "spm", out / "data-bin", "de", "en", joined=True)
+    print(f"wmt_sample written to {out}: " + ", ".join(f"{s} {n:,} pairs" for s, n in sizes.items())
+          + f"; sentencepiece {spm_model.name} (vocab {vocab_size}), fairseq data-bin in {out / 'data-bin'}")
+
+
 def prepare_wikitext(name: str, data_dir: Path, src: Path | None, force: bool) -> None:
     folder, where = WIKITEXT[name]
     out = data_dir / folder
@@ -66,7 +90,7 @@ def prepare_wikitext(name: str, data_dir: Path, src: Path | None, force: bool) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["lm_sample", "glue_sample", *WIKITEXT])
+    parser.add_argument("dataset", choices=["lm_sample", "glue_sample", "wmt_sample", *WIKITEXT])
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="data cache (config key paths.data_dir)")
     parser.add_argument("--src", type=Path, help="folder of an existing download (WikiText)")
     parser.add_argument("--force", action="store_true", help="rebuild even if prepared data exists")
@@ -76,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             prepare_lm_sample(args.data_dir, args.force)
         elif args.dataset == "glue_sample":
             prepare_glue_sample(args.data_dir, args.force)
+        elif args.dataset == "wmt_sample":
+            prepare_wmt_sample(args.data_dir, args.force)
         else:
             prepare_wikitext(args.dataset, args.data_dir, args.src, args.force)
     except APError as e:

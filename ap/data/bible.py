@@ -57,6 +57,48 @@ def verses(db: str | Path, translation: str) -> Iterator[tuple[int, str, str]]:
         con.close()
 
 
+def clean(text: str) -> str:
+    """One verse as plain text: editorial ``[...]`` brackets dropped, WEB's backtick apostrophe → ``'``."""
+    return " ".join(text.replace("`", "'").replace("[", "").replace("]", "").split())
+
+
+def parallel_verses(db: str | Path, src: str, tgt: str) -> Iterator[tuple[int, str, str]]:
+    """``(book number, source text, target text)`` of the verses present in both translations, in canonical order.
+
+    Placeholder verses (``(*)``) and verses empty on either side are skipped.
+    """
+    con = sqlite3.connect(str(db))
+    try:
+        rows = con.execute("SELECT a.bNumber, a.vText, b.vText FROM bible a JOIN bible b ON a.bNumber = b.bNumber AND "
+                           "a.cNumber = b.cNumber AND a.vNumber = b.vNumber WHERE a.bbName = ? AND b.bbName = ? "
+                           "ORDER BY a.bNumber, a.cNumber, a.vNumber", (src, tgt))
+        for book, s, t in rows:
+            s, t = clean(s), clean(t)
+            if s and t and "(*)" not in (s, t):
+                yield book, s, t
+    finally:
+        con.close()
+
+
+def write_parallel_sample(db: str | Path, out_dir: str | Path, src: str = "e", tgt: str = "4",
+                          langs: tuple[str, str] = ("de", "en")) -> dict[str, int]:
+    """Write ``<out_dir>/{train,valid,test}.{src_lang,tgt_lang}`` (one verse per line, aligned); returns pairs per split.
+
+    Defaults: German Elberfelder (``e``) → English WEB (``4``); split by book as the LM sample (test = Mark).
+    """
+    pairs: dict[str, list[tuple[str, str]]] = {"train": [], "valid": [], "test": []}
+    for book, s, t in parallel_verses(db, src, tgt):
+        pairs[split_of(book)].append((s, t))
+    if not pairs["train"]:
+        raise APError(f"no aligned verses for translations {src!r} -> {tgt!r} in {db}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, rows in pairs.items():
+        for side, lang in enumerate(langs):
+            (out_dir / f"{split}.{lang}").write_text("".join(row[side] + "\n" for row in rows), encoding="utf-8")
+    return {split: len(rows) for split, rows in pairs.items()}
+
+
 def split_of(book: int) -> str:
     return "test" if book in TEST_BOOKS else "valid" if book in VALID_BOOKS else "train"
 
