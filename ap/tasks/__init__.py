@@ -29,8 +29,24 @@ def _build_glue(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningMo
     return dm, module
 
 
+def _build_wmt(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """Translation with fairseq, imported only here (after the config is composed; see ap.models.fairseq_mt)."""
+    from ap.tasks.translation import TranslationDataModule
+
+    dm = instantiate(cfg.data, seed=cfg.seed)
+    if not isinstance(dm, TranslationDataModule):
+        raise APError(f"task=wmt needs a translation data config (data=wmt_sample|wmt14_en_de|...), got {cfg.data._target_}")
+    dm.setup()  # the model needs the dictionaries
+    m = cfg.model
+    module = instantiate(cfg.task.module, fairseq_task=dm.task, arch=m.arch, args=m.args, checkpoint=m.checkpoint,
+                         max_source_positions=cfg.data.max_source_positions,
+                         max_target_positions=cfg.data.max_target_positions, backend=m.backend,
+                         post_process=cfg.data.post_process, _convert_="all")
+    return dm, module
+
+
 BUILDERS: dict[str, Callable[[DictConfig], tuple[pl.LightningDataModule, pl.LightningModule]]] = {
-    "lm": _build_lm, "glue": _build_glue}
+    "lm": _build_lm, "glue": _build_glue, "wmt": _build_wmt}
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
