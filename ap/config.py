@@ -7,6 +7,8 @@ by ``check(cfg)``, which ``run.py`` calls before anything runs.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -16,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ap.core.errors import APError
 
+
+KINDS = ("enc_self", "dec_self", "cross")  # attention site kinds (ap.core.SiteKind)
 
 # layer: one threshold per attention site (the paper's default); head: one per site and head; global: one for all sites.
 # (Functional API because "global" is a Python keyword; OmegaConf matches enum members by name.)
@@ -33,7 +37,9 @@ class PruningConfig:
     name: str = "none"  # label in results and output paths
     policy: Policy = Policy.none
     sparsity: float = 0.0  # fraction of valid attention entries to prune, in [0, 1)
-    kind_sparsity: dict[str, float] = field(default_factory=dict)  # per site kind, e.g. {cross: 0.5}; overrides sparsity
+    # per site kind, e.g. `pruning.kind_sparsity.cross=0.3`; null = `sparsity`
+    kind_sparsity: dict[str, Optional[float]] = field(default_factory=lambda: {k: None for k in KINDS})
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))  # site kinds to prune; the others stay dense
     scope: Scope = Scope.layer  # layer | head | global
     block_size: int = 0  # 0 = element-wise masks; N > 0 = prune whole N x N tiles (what block-sparse kernels skip)
     seed: int = 0  # random policy
@@ -45,28 +51,56 @@ class PruningConfig:
     heatmaps: bool = True  # write heatmaps/<site>.png next to masks.pt
 
     def __post_init__(self) -> None:
-        for what, s in [("sparsity", self.sparsity)] + [(f"kind_sparsity.{k}", v) for k, v in self.kind_sparsity.items()]:
+        given = [(f"kind_sparsity.{k}", v) for k, v in self.kind_sparsity.items() if v is not None]
+        for what, s in [("sparsity", self.sparsity)] + given:
             if not 0.0 <= s < 1.0:
                 raise APError(f"pruning.{what}={s} is outside [0, 1): it is the fraction of attention entries pruned")
         if self.block_size < 0:
             raise APError(f"pruning.block_size={self.block_size} must be >= 0 (0 = element-wise masks)")
-        bad = [k for k in self.kind_sparsity if k not in ("enc_self", "dec_self", "cross")]
-        if bad:
-            raise APError(f"pruning.kind_sparsity has unknown site kind {bad[0]!r}; use enc_self, dec_self or cross")
+        for key, given in (("kind_sparsity", list(self.kind_sparsity)), ("kinds", self.kinds)):
+            bad = [k for k in given if k not in KINDS]
+            if bad:
+                raise APError(f"pruning.{key} has unknown site kind {bad[0]!r}; use enc_self, dec_self or cross")
 
     @property
     def enabled(self) -> bool:
         return self.policy is not Policy.none or self.masks_path is not None
 
     def target(self) -> float | dict[str, float]:
-        """The sparsity argument for ``build_masks``: one float, or per kind when ``kind_sparsity`` is set."""
-        if not self.kind_sparsity:
+        """The sparsity argument for ``build_masks``: one float, or per kind (``kind_sparsity``, ``kinds``)."""
+        per_kind = {k: v for k, v in self.kind_sparsity.items() if v is not None}
+        if not per_kind and set(self.kinds) == set(KINDS):
             return self.sparsity
-        return {k: self.kind_sparsity.get(k, self.sparsity) for k in ("enc_self", "dec_self", "cross")}
+        return {k: per_kind.get(k, self.sparsity) for k in KINDS if k in self.kinds}
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(group="pruning", name="schema", node=PruningConfig)
+    forget_fairseq_configs()
+
+
+def forget_fairseq_configs() -> None:
+    """Remove what ``import fairseq`` stored in Hydra's global ConfigStore (a primary ``config`` and groups such as
+    ``model/`` and ``task/``), which breaks composing ``conf/`` (``Key 'lr' not in 'FairseqConfig'``).
+
+    A no-op unless fairseq is imported; ours and Hydra's own entries stay.
+    """
+    configs = sys.modules.get("fairseq.dataclass.configs")
+    if configs is None:
+        return
+    top = {"config.yaml"} | {f"{f.name}.yaml" for f in dataclasses.fields(configs.FairseqConfig)}
+
+    def prune(node: dict, depth: int) -> None:
+        for key in list(node):
+            value = node[key]
+            if isinstance(value, dict):
+                prune(value, depth + 1)
+                if not value:
+                    del node[key]
+            elif getattr(value, "provider", None) == "fairseq" or (depth == 0 and key in top):
+                del node[key]
+
+    prune(ConfigStore.instance().repo, 0)
 
 
 def pruning_config(cfg: DictConfig) -> PruningConfig:

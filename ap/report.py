@@ -23,6 +23,8 @@ def results_table(results: dict[str, Any]) -> str:
     for label, metrics, sparsity in rows:
         cells = "  ".join(f"{metrics[n]:>10.3f}" if n in metrics else f"{'-':>10}" for n in names)
         lines.append(f"{label:<{width}}  {cells}  {sparsity:>8.1%}")
+    if len(results.get("sparsity_per_kind") or {}) > 1:
+        lines.append("pruned per kind: " + ", ".join(f"{k} {v:.1%}" for k, v in results["sparsity_per_kind"].items()))
     timing = results.get("timing", {})
     if timing:
         lines.append("wall time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timing.items()))

@@ -98,7 +98,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callback: Optional[AttentionPruning] = None
 
     if not (pruning.enabled and cfg.ckpt_path):  # stage 1: dense (not when resuming the fine-tune stage)
-        if pruning.dense_ckpt:
+        if getattr(module, "pretrained", False) and not pruning.dense_ckpt:
+            log.info("Stage dense: skipped (the model was loaded trained: model.checkpoint)")
+        elif pruning.dense_ckpt:
             log.info(f"Loading dense weights from {pruning.dense_ckpt}")
             state = torch.load(pruning.dense_ckpt, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state)
@@ -153,6 +155,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["dense_metrics"] = results["metrics"]
     achieved = callback.masks.meta["achieved"] if callback else {"overall": 0.0}
     results.update(sparsity_achieved=achieved["overall"],
+                   sparsity_per_kind=callback.masks.meta.get("achieved_kinds", {}) if callback else {},
                    sparsity_per_site={k: v for k, v in achieved.items() if k != "overall"}, timing=timing,
                    config=resolved(cfg))
     if not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):  # one writer under DDP

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .masks import MaskSet
 from .sites import AttentionSite, find_sites, model_signature
 from .stats import AttentionStats
-from .threshold import achieved_sparsity, block_sparsity, build_masks
+from .threshold import achieved_by_kind, achieved_sparsity, block_sparsity, build_masks
 
 
 @contextmanager
@@ -100,6 +100,7 @@ def make_maskset(
         "policy": policy,
         "seed": seed,
         "achieved": achieved,
+        "achieved_kinds": achieved_by_kind(masks, stats),
         "calibration": {"split": split, "batches": stats.batches, "tokens": stats.tokens},
         "block_size": block_size,
         "achieved_blocks": {"block_size": tile, **block_sparsity(masks, stats, tile)},

@@ -6,6 +6,7 @@ File format (``torch.load(path, weights_only=True)``)::
      "meta": {"model": {"class": str, "sites": {site: [kind, n_heads, max_q, max_k]}},
               "sparsity": float | {kind: float}, "scope": str, "policy": str,
               "achieved": {"overall": float, site: float},   # fraction of valid entries pruned
+              "achieved_kinds": {kind: float},               # the same per site kind (enc_self, dec_self, cross)
               "calibration": {"split": str, "batches": int, "tokens": int},
               "block_size": int, "created": ISO time, "config": {...}},
      "masks": {site: BoolTensor[n_heads, max_q, max_k]}}       # True = keep
@@ -104,6 +105,8 @@ class MaskSet:
         width = max(len(n) for n in self.masks)
         lines = [f"{'site':<{width}}  {'kind':<8}  pruned"]
         lines += [f"{n:<{width}}  {kinds[n]:<8}  {achieved[n]:6.1%}" for n in self.masks]
+        for kind, value in self.meta.get("achieved_kinds", {}).items():
+            lines.append(f"{'all ' + kind:<{width}}  {kind:<8}  {value:6.1%}")
         lines.append(f"{'overall':<{width}}  {'':<8}  {achieved['overall']:6.1%}")
         return "\n".join(lines)
 

@@ -158,6 +158,18 @@ def build_masks(
     return masks
 
 
+def achieved_by_kind(masks: dict[str, Tensor], stats: AttentionStats) -> dict[str, float]:
+    """Fraction of valid entries pruned per site kind (``enc_self``, ``dec_self``, ``cross``), count-weighted."""
+    pruned: dict[str, float] = {}
+    total: dict[str, float] = {}
+    for n, keep in masks.items():
+        w = stats.count[n].expand_as(keep)  # (H, Q, K)
+        kind = stats.kinds[n]
+        pruned[kind] = pruned.get(kind, 0.0) + float((w * ~keep).sum())
+        total[kind] = total.get(kind, 0.0) + float(w.sum())
+    return {k: pruned[k] / total[k] if total[k] else 0.0 for k in total}
+
+
 def achieved_sparsity(masks: dict[str, Tensor], stats: AttentionStats) -> dict[str, float]:
     """Fraction of valid entries (weighted by their calibration count) pruned: ``{"overall": f, site: f, ...}``."""
     out: dict[str, float] = {}
