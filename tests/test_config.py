@@ -67,3 +67,17 @@ def test_wikitext_configs_read_a_folder_in_that_format(data, tiny_data):
     missing = instantiate(compose_cfg([f"data={data}", "data.dir=/nonexistent", "paths.output_dir=/tmp/x"]).data)
     with pytest.raises(APError, match=f"prepare_data.py {data} --src"):
         missing.setup()
+
+
+def test_core_lm_and_glue_run_without_fairseq(tmp_path):
+    """fairseq is only imported by task=wmt; without it, that task names the install command."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fairseq'] = None\n"  # `import fairseq` now raises ImportError
+            "import ap.core, ap.callback, ap.run, ap.tasks.lm, ap.tasks.glue, ap.tasks.translation\n"
+            "from ap.models.fairseq_mt import import_fairseq\n"
+            "try:\n    import_fairseq()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(CONF.parent))
+    assert proc.returncode == 0, proc.stderr
+    assert "APError" in proc.stdout and "make install-fairseq" in proc.stdout

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("fairseq", reason="task=wmt needs fairseq: `make install-fairseq` (make test installs it)")
 
-from ap.config import KINDS, PruningConfig, register_configs  # noqa: E402
+from ap.config import KINDS, PruningConfig, forget_fairseq_configs, register_configs  # noqa: E402
 from ap.core import MaskError, SiteKind, calibrate, find_sites, make_maskset  # noqa: E402
 from ap.core.errors import APError  # noqa: E402
 from ap.data.translation import binarize, ensure_data_bin, is_data_bin  # noqa: E402
@@ -22,6 +22,8 @@ from ap.run import run  # noqa: E402
 from ap.tasks.translation import TranslationDataModule, TranslationTask  # noqa: E402
 
 from conftest import CONF, compose_cfg  # noqa: E402
+
+forget_fairseq_configs()  # importorskip imported fairseq at collection: keep the other test modules' configs composing
 
 TINY_ARGS = dict(encoder_layers=2, decoder_layers=2, encoder_embed_dim=32, decoder_embed_dim=32,
                  encoder_ffn_embed_dim=64, decoder_ffn_embed_dim=64, encoder_attention_heads=4,
@@ -267,9 +269,11 @@ def test_configs_compose_after_import_fairseq() -> None:
     from fairseq.dataclass.initialize import hydra_init
 
     hydra_init()  # what `import fairseq` does: its primary `config` and groups (model/, task/, ...) in the ConfigStore
-    with pytest.raises(Exception):
-        compose_cfg(["task=wmt"])  # the clash this test guards against
-    register_configs()  # what run.py does (and the translation task after importing fairseq)
+    try:
+        with pytest.raises(Exception):
+            compose_cfg(["task=wmt"])  # the clash this test guards against
+    finally:
+        register_configs()  # what run.py does (and the translation task after importing fairseq)
     for model in ("transformer_mt_small", "transformer_wmt_en_de", "transformer_iwslt_de_en"):
         for data in ("wmt_sample", "wmt14_en_de", "wmt16_en_de", "iwslt14_de_en"):
             cfg = compose_cfg(["task=wmt", f"model={model}", f"data={data}", "pruning=ap50"])
@@ -356,3 +360,15 @@ def test_wmt_pipeline_from_a_fairseq_checkpoint(data_bin: Path, fairseq_checkpoi
     results = run(cfg)
     assert "dense_s" not in results["timing"]  # no dense training: the checkpoint is the dense model
     assert "test/bleu" in results["dense_metrics"] and results["sparsity_achieved"] > 0.45
+
+
+@pytest.mark.slow
+def test_wmt_ddp_two_processes(data_bin: Path, tmp_path: Path) -> None:
+    """trainer=ddp (2 gloo processes): fairseq's batches sharded per rank, BLEU over every sentence of each split."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "run.py", *WMT_TINY, "trainer=ddp", f"data.dir={data_bin}", f"hydra.run.dir={out}",
+           "pruning.calibration_batches=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(CONF.parent), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert {"val/bleu", "test/bleu"} <= set(results["metrics"]) and results["sparsity_achieved"] > 0.45

@@ -95,7 +95,8 @@ class TranslationDataModule(pl.LightningDataModule):
             task.load_dataset(split)
         self.task = task
 
-    def _batches(self, split: str, max_tokens: int, drop_long: bool) -> list[Any]:
+    def _batches(self, split: str, max_tokens: int, drop_long: bool, rank: int = 0, world: int = 1) -> list[Any]:
+        """Token-budget batches of ``split`` (of every ``world``-th sentence from ``rank``, in length order)."""
         from fairseq.data import data_utils
 
         ds = self.task.dataset(split)
@@ -107,31 +108,35 @@ class TranslationDataModule(pl.LightningDataModule):
                           f"max_target_positions={self.max_positions}; raise them (and model.max_positions)")
         if len(ignored):
             log.warning(f"{len(ignored)} {split} pairs longer than {self.max_positions} tokens are skipped")
-        return ds.batch_by_size(indices, max_tokens=max_tokens, required_batch_size_multiple=1)
+        return ds.batch_by_size(indices[rank::world], max_tokens=max_tokens, required_batch_size_multiple=1)
 
-    def _loader(self, split: str, shuffle: bool, max_tokens: int, drop_long: bool, shard: bool,
-                drop_uneven: bool = False) -> DataLoader:
-        """Batches of ``split``; ``shard``: only this DDP rank's share (the trainer must not inject a sampler:
-        ``trainer.use_distributed_sampler=false``, set by conf/task/wmt.yaml)."""
+    def _loader(self, split: str, shuffle: bool, max_tokens: int, drop_long: bool, shard: str = "") -> DataLoader:
+        """Batches of ``split``. Under DDP (the trainer must not inject a sampler: ``use_distributed_sampler=false``,
+        set by conf/task/wmt.yaml) ``shard="batches"`` gives each rank every ``world``-th batch, the same number on
+        every rank (training); ``shard="sentences"`` every ``world``-th sentence, none dropped (evaluation)."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if shard and self.trainer else (0, 1)
-        sampler = Batches(self._batches(split, max_tokens, drop_long), shuffle=shuffle, seed=self.seed, rank=rank,
-                          world=world, drop_uneven=drop_uneven)
+        if shard == "sentences":
+            batches = self._batches(split, max_tokens, drop_long, rank, world)
+            sampler = Batches(batches, shuffle=shuffle, seed=self.seed)
+        else:
+            sampler = Batches(self._batches(split, max_tokens, drop_long), shuffle=shuffle, seed=self.seed,
+                              rank=rank, world=world, drop_uneven=True)
         return DataLoader(self.task.dataset(split), batch_sampler=sampler, collate_fn=self.task.dataset(split).collater,
                           num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.max_tokens, drop_long=True, shard=True, drop_uneven=True)
+        return self._loader("train", True, self.max_tokens, drop_long=True, shard="batches")
 
     def calibration_dataloader(self) -> DataLoader:
         """Every train batch, in one fixed shuffled order (not sorted by length: a ``calibration_batches`` cap must
         not see only the shortest sentences). Not sharded: the callback shards it by batch index under DDP."""
-        return self._loader("train", True, self.eval_max_tokens, drop_long=True, shard=False)
+        return self._loader("train", True, self.eval_max_tokens, drop_long=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", False, self.eval_max_tokens, drop_long=False, shard=True)
+        return self._loader("valid", False, self.eval_max_tokens, drop_long=False, shard="sentences")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_max_tokens, drop_long=False, shard=True)
+        return self._loader("test", False, self.eval_max_tokens, drop_long=False, shard="sentences")
 
 
 class TranslationTask(pl.LightningModule):
@@ -238,11 +243,12 @@ class TranslationTask(pl.LightningModule):
                 torch.distributed.all_gather_object(shares, self._text)
                 self._text = {k: v for share in shares for k, v in share.items()}
         tokens = max(1.0, float(sums["tokens"]))
-        self.log(f"{split}/loss", sums["loss"] / tokens, prog_bar=True)
-        self.log(f"{split}/nll", sums["nll"] / tokens)
-        self.log(f"{split}/ppl", math.exp(min(50.0, sums["nll"] / tokens)))
+        sync = self.trainer.world_size > 1  # values are already the same on every rank (gathered above)
+        self.log(f"{split}/loss", sums["loss"] / tokens, prog_bar=True, sync_dist=sync)
+        self.log(f"{split}/nll", sums["nll"] / tokens, sync_dist=sync)
+        self.log(f"{split}/ppl", math.exp(min(50.0, sums["nll"] / tokens)), sync_dist=sync)
         if self._bleu_wanted():
-            self.log(f"{split}/bleu", self.bleu(dataset_size, split), prog_bar=True)
+            self.log(f"{split}/bleu", self.bleu(dataset_size, split), prog_bar=True, sync_dist=sync)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_start()
