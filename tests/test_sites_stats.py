@@ -158,7 +158,7 @@ def tile_mask_site(empty_share: float, length: int = 512, tile: int = 64) -> Att
 
 
 def test_auto_backend_choices():
-    from ap.core.sites import AUTO_FLEX_MIN_EMPTY
+    from ap.core.sites import AUTO_SPARSE_MIN_EMPTY
 
     sparse, dense_ish = tile_mask_site(0.9), tile_mask_site(0.5)
     q_pos = k_pos = real_positions(None, 512)
@@ -167,13 +167,18 @@ def test_auto_backend_choices():
         site.name = "s"
     mask = sparse._aligned_mask(q_pos, k_pos)
     assert sparse.choose_backend(mask, True, False, False, 0.0, q_pos, k_pos, window) == "flex"
-    assert sparse._empty_tiles[window] >= AUTO_FLEX_MIN_EMPTY
-    assert sparse.choose_backend(mask, True, False, True, 0.0, q_pos, k_pos, window) == "sdpa", "no CPU flex backward"
+    assert sparse._empty_tiles[window] >= AUTO_SPARSE_MIN_EMPTY
+    assert sparse.choose_backend(mask, True, False, True, 0.0, q_pos, k_pos, window) == "block", "CPU training"
+    assert dense_ish.choose_backend(dense_ish._aligned_mask(q_pos, k_pos), True, False, True, 0.0, q_pos, k_pos,
+                                    window) == "sdpa", "CPU training, few empty tiles"
     assert sparse.choose_backend(mask, True, True, False, 0.0, q_pos, k_pos, window) == "sdpa", "padded batch"
     assert sparse.choose_backend(None, True, False, False, 0.0, q_pos, k_pos, window) == "sdpa", "no mask: dense"
     half = dense_ish._aligned_mask(q_pos, k_pos)
     assert dense_ish.choose_backend(half, True, False, False, 0.0, q_pos, k_pos, window) == "sdpa"
-    x = torch.randn(1, 2, 512, 8, requires_grad=True)  # training on CPU runs (sdpa) and matches eager
+    x = torch.randn(1, 2, 512, 8, requires_grad=True)  # training on CPU runs (block) and matches eager
     out = sparse(x, x, x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
     sparse.backend = "eager"
-    torch.testing.assert_close(out, sparse(x, x, x))
+    ref = sparse(x, x, x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref.sum(), x)[0])

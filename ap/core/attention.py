@@ -7,9 +7,12 @@ registered by name (like HF transformers' ``AttentionInterface``):
   the probabilities (used for calibration).
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; with no mask and ``is_causal`` it is the fused causal
   kernel (the honest dense baseline), with a bool mask it is a masked dense kernel (correct, not faster).
-- ``auto`` (resolved per call by ``AttentionSite``): ``sdpa`` to train on CPU, ``flex`` to train on GPU, and at
-  inference ``flex`` when the mask empties at least ``AUTO_FLEX_MIN_EMPTY`` of the valid tiles of a window of
-  ``AUTO_FLEX_MIN_LEN`` keys or more (where ``scripts/benchmark.py`` measured flex ahead), else ``sdpa``.
+- ``auto`` (resolved per call by ``AttentionSite``): ``flex`` to train on GPU; on CPU, when the mask empties at least
+  ``AUTO_SPARSE_MIN_EMPTY`` of the valid tiles of a window of ``AUTO_SPARSE_MIN_LEN`` keys or more (where
+  ``scripts/benchmark.py`` measured them ahead), ``block`` to train and ``flex`` at inference; else ``sdpa``.
+- ``block``: block-sparse attention from fused kernels (``BlockPlan``: kept tiles gathered per group of query tiles
+  with the same number of kept tiles, one SDPA call per group). Forward and backward on CPU and GPU, with dropout:
+  the CPU training path for block masks.
 - ``flex``: FlexAttention (compiled once per shape with ``dynamic=False``) with a ``BlockMask`` built from the
   bool mask and cached, so tiles with no kept entry are skipped and kept tiles apply the exact element mask. Forward
   on CPU and GPU; backward only on GPU (torch 2.13 has no CPU backward: asking for it raises). No attention dropout.
@@ -24,6 +27,7 @@ Semantics shared by all backends:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -153,6 +157,97 @@ def flex_backend(
 
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
     return _flex_compiled(q, k, v, block_mask=mask, scale=scale), None  # rows with no kept key give 0
+
+
+BLOCK_TILE = 64  # query/key tile of the block backend (matches FLEX_BLOCK_SIZE and pruning.block_size=64)
+
+
+@dataclass
+class BlockPlan:
+    """Where the kept tiles of a fixed keep-mask are, grouped so that each group is one fused SDPA call.
+
+    Every (head, query tile) with ``n`` kept key tiles joins group ``n``; a group holds its heads ``(c,)``, query
+    positions ``(c, bs)``, gathered key positions ``(c, n*bs)`` and the element mask on them ``(c, bs, n*bs)`` (None
+    when all gathered entries are kept). Query tiles with no kept key are in no group (their output is 0).
+    """
+
+    tq: int
+    tk: int
+    bs: int
+    n_heads: int
+    groups: list[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]
+    rows: Tensor  # (R,) flat (head * Tq_padded + query) positions written by the groups, in group order
+
+    @property
+    def kept_tile_fraction(self) -> float:
+        total = self.n_heads * -(-self.tq // self.bs) * -(-self.tk // self.bs)
+        return sum(int(g[2].numel()) // self.bs for g in self.groups) / max(1, total)  # k_idx: (c, n*bs)
+
+
+def block_plan(keep: Tensor, n_heads: int, bs: int = BLOCK_TILE) -> BlockPlan:
+    """The ``BlockPlan`` of a bool ``keep`` ``(H|1, Tq, Tk)`` (causality folded in) for ``n_heads`` heads."""
+    _, tq, tk = keep.shape
+    qp, kp = -(-tq // bs) * bs, -(-tk // bs) * bs
+    keep = F.pad(keep.expand(n_heads, tq, tk), (0, kp - tk, 0, qp - tq))  # (H, Qp, Kp), padding never kept
+    tiles = keep.unflatten(2, (-1, bs)).unflatten(1, (-1, bs)).any(dim=4).any(dim=2)  # (H, Qb, Kb)
+    counts = tiles.sum(-1)  # (H, Qb)
+    ar = torch.arange(bs, device=keep.device)
+    groups, rows = [], []
+    for n in sorted(set(counts[counts > 0].tolist())):
+        heads, qt = (counts == n).nonzero(as_tuple=True)  # (c,), (c,)
+        kt = tiles[heads, qt].nonzero()[:, 1].view(-1, n)  # (c, n) kept key tiles, ascending
+        k_idx = (kt[..., None] * bs + ar).flatten(1)  # (c, n*bs)
+        q_idx = qt[:, None] * bs + ar  # (c, bs)
+        m = keep[heads[:, None, None], q_idx[:, :, None], k_idx[:, None, :]]  # (c, bs, n*bs)
+        groups.append((heads, q_idx, k_idx, None if bool(m.all()) else m))
+        rows.append((heads[:, None] * qp + q_idx).flatten())
+    rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=keep.device)
+    return BlockPlan(tq, tk, bs, n_heads, groups, rows_t)
+
+
+@register_backend("block")
+def block_backend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Any, is_causal: bool, dropout_p: float, scale: float, need_probs: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Block-sparse attention from fused kernels (CPU and GPU, forward and backward, dropout): per group of a
+    ``BlockPlan``, gather the kept key/value tiles and call SDPA on them; pruned tiles are never computed.
+
+    ``mask``: a prepared ``BlockPlan`` (callers cache it per position window) or a bool keep-mask (planned per call).
+    """
+    b, h, tq, d = q.shape
+    if isinstance(mask, BlockPlan):
+        if is_causal:
+            raise MaskError("pass causality inside the BlockPlan for the block backend")
+        plan = mask
+    else:
+        keep = _keep(mask, is_causal, tq, k.shape[-2], q.device)
+        keep = keep if keep is not None else torch.ones(tq, k.shape[-2], dtype=torch.bool, device=q.device)
+        while keep.dim() < 3:
+            keep = keep[None]
+        if keep.dim() == 4 and keep.shape[0] > 1:  # per-row masks (padding): batch rows become heads of one row
+            keep = keep.expand(b, h, tq, k.shape[-2]).flatten(0, 1)  # (B*H, Tq, Tk)
+            fold = [t.reshape(1, b * h, t.shape[-2], t.shape[-1]) for t in (q, k, v)]  # (1, B*H, T, D)
+            out, _ = block_backend(*fold, keep, False, dropout_p, scale, need_probs)
+            return out.view(b, h, tq, -1), None
+        if keep.dim() == 4:
+            keep = keep[0]
+        plan = block_plan(keep, h)
+    if (plan.tq, plan.tk, plan.n_heads) != (tq, k.shape[-2], h):
+        raise MaskError(f"BlockPlan for {plan.n_heads} heads x {plan.tq} x {plan.tk} used on {h} x {tq} x {k.shape[-2]}")
+    qp = -(-tq // plan.bs) * plan.bs
+    kp = -(-plan.tk // plan.bs) * plan.bs
+    q_ = F.pad(q, (0, 0, 0, qp - tq))  # (B, H, Qp, D)
+    k_, v_ = F.pad(k, (0, 0, 0, kp - plan.tk)), F.pad(v, (0, 0, 0, kp - plan.tk))  # (B, H, Kp, D)
+    outs = []
+    for heads, q_idx, k_idx, m in plan.groups:
+        hq = heads[:, None]  # (c, 1)
+        og = F.scaled_dot_product_attention(q_[:, hq, q_idx], k_[:, hq, k_idx], v_[:, hq, k_idx], attn_mask=m,
+                                            dropout_p=dropout_p, scale=scale)  # (B, c, bs, D)
+        outs.append(og.flatten(1, 2))  # (B, c*bs, D)
+    out = q.new_zeros(b, h * qp, d)  # (B, H*Qp, D): rows in no group stay 0
+    if outs:
+        out = out.index_copy(1, plan.rows, torch.cat(outs, dim=1))
+    return out.view(b, h, qp, d)[:, :, :tq], None
 
 
 def attention(

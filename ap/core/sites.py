@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .attention import FLEX_BLOCK_SIZE, attention, empty_tiles, flex_block_mask
+from .attention import BLOCK_TILE, FLEX_BLOCK_SIZE, attention, block_plan, empty_tiles, flex_block_mask
 from .errors import MaskError
 
 
@@ -32,8 +32,11 @@ class SiteKind(str, Enum):
 
 
 log = logging.getLogger(__name__)
-AUTO_FLEX_MIN_EMPTY = 0.75  # backend auto: flex from this share of empty valid tiles (flex lost at 50 %, won at 88-90 %)
-AUTO_FLEX_MIN_LEN = 512  # ... and this many keys (below, flex's fixed cost per call dominates)
+# backend auto picks a block-sparse backend (flex at inference, block to train on CPU) from this share of empty valid
+# 64-tiles (both lost to SDPA at 50 % empty and won at 88-90 % in scripts/benchmark.py) and this many keys (below,
+# their fixed cost per call dominates)
+AUTO_SPARSE_MIN_EMPTY = 0.75
+AUTO_SPARSE_MIN_LEN = 512
 
 # recorder(site, probs (B, H, Tq, Tk), q_pos (B|1, Tq), k_pos (B|1, Tk)); positions are -1 at padding.
 Recorder = Callable[["AttentionSite", Tensor, Tensor, Tensor], None]
@@ -134,7 +137,7 @@ class AttentionSite(nn.Module):
 
         need_probs = self.recorder is not None
         backend = "eager" if need_probs else self.backend
-        if backend in ("auto", "flex"):  # (two host syncs: only for the backends that cache per position window)
+        if backend in ("auto", "flex", "block"):  # (two host syncs: only for backends that cache per position window)
             window = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
         if backend == "auto":
             training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -144,6 +147,13 @@ class AttentionSite(nn.Module):
             if window not in self._block_masks:
                 self._block_masks[window] = flex_block_mask(self._window_keep(mask, is_causal, q_pos, k_pos, window))
             mask, is_causal = self._block_masks[window], False
+        elif backend == "block" and not padded:
+            # One BlockPlan per position window and head count (kept tiles grouped for fused SDPA calls).
+            key = ("plan", q.shape[1], *window)
+            if key not in self._block_masks:
+                keep = self._window_keep(mask, is_causal, q_pos, k_pos, window)[0]  # (H|1, Tq, Tk)
+                self._block_masks[key] = block_plan(keep, q.shape[1], BLOCK_TILE)
+            mask, is_causal = self._block_masks[key], False
         out, probs = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
                                backend=backend, need_probs=need_probs)
         if need_probs:
@@ -163,16 +173,17 @@ class AttentionSite(nn.Module):
         device = window[4]
         if mask is None or padded or dropout_p > 0:
             choice = "sdpa"  # dense: the fused kernel; padded batches: per-batch masks; dropout: flex has none
-        elif training:
-            choice = "flex" if device.type == "cuda" else "sdpa"  # flex has no CPU backward (torch 2.13)
+        elif training and device.type == "cuda":
+            choice = "flex"  # forward and backward
         else:
             if window not in self._empty_tiles:
                 keep = self._window_keep(mask, is_causal, q_pos, k_pos, window)[0]  # (H|1, Tq, Tk)
                 valid = self._window_keep(None, is_causal, q_pos, k_pos, window)[0]  # (1, Tq, Tk)
                 empty, total = empty_tiles(keep, valid.expand_as(keep), FLEX_BLOCK_SIZE)
                 self._empty_tiles[window] = empty / total
-            big = window[3] >= AUTO_FLEX_MIN_LEN and self._empty_tiles[window] >= AUTO_FLEX_MIN_EMPTY
-            choice = "flex" if big else "sdpa"
+            big = window[3] >= AUTO_SPARSE_MIN_LEN and self._empty_tiles[window] >= AUTO_SPARSE_MIN_EMPTY
+            # flex has no CPU backward (torch 2.13): the block backend trains on CPU; flex is faster at inference
+            choice = ("block" if training else "flex") if big else "sdpa"
         if (choice, training) not in self._auto_logged:
             self._auto_logged.add((choice, training))
             log.info(f"site {self.name}: backend auto -> {choice} ({'training' if training else 'inference'} on "
