@@ -6,7 +6,10 @@
 
 Masks are causal tile masks (``--tile`` = the flex tile): the diagonal tiles are kept, a random ``sparsity`` share of
 the other valid tiles is emptied. Every ratio is ``dense causal SDPA time / backend time`` measured in the same run
-(> 1 = faster than dense); ``ideal`` = valid tiles / kept tiles. Results: a table on stdout, CSV and PNG in ``--out``.
+(> 1 = faster than dense); ``ideal`` = valid tiles / kept tiles. Memory (``MB``): on CUDA the peak allocated during
+one call above what was allocated before it; on CPU (no allocator statistics) the tensors a training step saves for
+backward (the activation memory that grows with attention work), for forward+backward rows only.
+Results: a table on stdout, CSV and PNG in ``--out``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ap.core import attention  # noqa: E402
-from ap.core.attention import FLEX_BLOCK_SIZE, flex_block_mask  # noqa: E402
+from ap.core.attention import FLEX_BLOCK_SIZE, block_plan, flex_block_mask  # noqa: E402
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig  # noqa: E402
 
 
@@ -59,26 +62,53 @@ def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+def memory_mb(fn: Callable[[], object], device: str, backward: bool) -> float:
+    """MB a call needs (see the module doc); NaN for CPU forward-only rows."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not backward:
+        return float("nan")
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()  # each storage once
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()) / 2**20
+
+
 def attention_rows(args: argparse.Namespace) -> list[dict]:
     rows = []
     for length in args.lengths:
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(args.batch, args.heads, length, args.dim, generator=g).to(args.device) for _ in range(3))
-        dense = timed(lambda: attention(q, k, v, is_causal=True, backend="sdpa"), args.repeats, args.device)
+        dense_fn = lambda: attention(q, k, v, is_causal=True, backend="sdpa")  # noqa: E731
+        dense = timed(dense_fn, args.repeats, args.device)
         rows.append({"what": "attention fwd", "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
-                     "seconds": dense, "ratio": 1.0, "ideal": 1.0})
+                     "seconds": dense, "ratio": 1.0, "ideal": 1.0,
+                     "mb": memory_mb(dense_fn, args.device, False)})
         for sparsity in args.sparsity:
             mask, kept = tile_mask(length, args.heads, sparsity, args.tile)
             mask = mask.to(args.device)[None]  # (1, H, L, L)
             block_mask = flex_block_mask(mask, args.tile)
+            plan = block_plan(mask[0], args.heads, args.tile)
             runs = {"eager masked": lambda: attention(q, k, v, mask=mask, backend="eager"),
                     "sdpa masked": lambda: attention(q, k, v, mask=mask, backend="sdpa"),
+                    "block": lambda: attention(q, k, v, mask=plan, backend="block"),
                     "flex": lambda: attention(q, k, v, mask=block_mask, backend="flex")}
             for name, fn in runs.items():
                 with torch.no_grad():
                     s = timed(fn, args.repeats, args.device)
+                    mb = memory_mb(fn, args.device, False)
                 rows.append({"what": "attention fwd", "length": length, "sparsity": sparsity, "backend": name,
-                             "seconds": s, "ratio": dense / s, "ideal": 1 / kept})
+                             "seconds": s, "ratio": dense / s, "ideal": 1 / kept, "mb": mb})
         if args.backward:
             rows += backward_rows(args, length, q, k, v)
     return rows
@@ -92,41 +122,53 @@ def backward_rows(args: argparse.Namespace, length: int, q, k, v) -> list[dict]:
 
     dense = timed(step(is_causal=True, backend="sdpa"), args.repeats, args.device)
     rows = [{"what": "attention fwd+bwd", "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
-             "seconds": dense, "ratio": 1.0, "ideal": 1.0}]
+             "seconds": dense, "ratio": 1.0, "ideal": 1.0,
+             "mb": memory_mb(step(is_causal=True, backend="sdpa"), args.device, True)}]
     for sparsity in args.sparsity:
         mask, kept = tile_mask(length, args.heads, sparsity, args.tile)
         mask = mask.to(args.device)[None]
-        runs = {"eager masked": step(mask=mask, backend="eager"), "sdpa masked": step(mask=mask, backend="sdpa")}
+        runs = {"eager masked": step(mask=mask, backend="eager"), "sdpa masked": step(mask=mask, backend="sdpa"),
+                "block": step(mask=block_plan(mask[0], args.heads, args.tile), backend="block")}
         if args.device == "cuda":  # flex has no CPU backward in torch 2.13
             runs["flex"] = step(mask=flex_block_mask(mask, args.tile), backend="flex")
         for name, fn in runs.items():
             s = timed(fn, args.repeats, args.device)
             rows.append({"what": "attention fwd+bwd", "length": length, "sparsity": sparsity, "backend": name,
-                         "seconds": s, "ratio": dense / s, "ideal": 1 / kept})
+                         "seconds": s, "ratio": dense / s, "ideal": 1 / kept, "mb": memory_mb(fn, args.device, True)})
     return rows
 
 
 def lm_rows(args: argparse.Namespace) -> list[dict]:
-    """Whole-model inference: the demo-size LM (d 128, 4 layers, 4 heads) at ``--lm-length``, same weights."""
+    """The demo-size LM (d 128, 4 layers, 4 heads) at ``--lm-length``, same weights: inference (flex) and a training
+    step (forward + backward, block backend) against dense causal SDPA."""
     length = args.lm_length
     torch.manual_seed(0)
     model = TransformerLM(TransformerLMConfig(vocab_size=8000, block_len=length, dropout=0.0)).to(args.device).eval()
     x = torch.randint(0, 8000, (args.batch, length), device=args.device)
-    with torch.no_grad():
-        dense = timed(lambda: model(x), args.repeats, args.device)
-        rows = [{"what": "LM inference", "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
-                 "seconds": dense, "ratio": 1.0, "ideal": 1.0}]
-        for sparsity in args.sparsity:
-            mask, kept = tile_mask(length, model.cfg.n_heads, sparsity, args.tile)
-            for block in model.blocks:
-                block.attn.site.set_mask(mask.to(args.device))
-                block.attn.site.backend = "flex"
-            s = timed(lambda: model(x), args.repeats, args.device)
-            rows.append({"what": "LM inference", "length": length, "sparsity": sparsity, "backend": "flex",
-                         "seconds": s, "ratio": dense / s, "ideal": 1 / kept})
-            for block in model.blocks:
-                block.attn.site.set_mask(None)
-                block.attn.site.backend = "sdpa"
+    rows = []
+
+    def train_step() -> None:
+        model(x, x)[1].backward()
+
+    def use(mask: torch.Tensor | None, backend: str) -> None:
+        for block in model.blocks:
+            block.attn.site.set_mask(mask)
+            block.attn.site.backend = backend
+
+    for what, fn, sparse_backend in (("LM inference", lambda: model(x), "flex"), ("LM train step", train_step, "block")):
+        training = what == "LM train step"
+        with torch.set_grad_enabled(training):
+            dense = timed(fn, args.repeats, args.device)
+            rows.append({"what": what, "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
+                         "seconds": dense, "ratio": 1.0, "ideal": 1.0, "mb": memory_mb(fn, args.device, training)})
+            for sparsity in args.sparsity:
+                mask, kept = tile_mask(length, model.cfg.n_heads, sparsity, args.tile)
+                use(mask.to(args.device), sparse_backend)
+                s = timed(fn, args.repeats, args.device)
+                rows.append({"what": what, "length": length, "sparsity": sparsity, "backend": sparse_backend,
+                             "seconds": s, "ratio": dense / s, "ideal": 1 / kept,
+                             "mb": memory_mb(fn, args.device, training)})
+                use(None, "sdpa")
     return rows
 
 
@@ -151,10 +193,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"B{args.batch} H{args.heads} D{args.dim}, tile {args.tile}; ratio = dense causal SDPA time / time")
-    print(f"{'what':<18} {'L':>5} {'sparsity':>8} {'backend':<20} {'ms':>9} {'ratio':>6} {'ideal':>6} {'of ideal':>8}")
+    print(f"{'what':<18} {'L':>5} {'sparsity':>8} {'backend':<20} {'ms':>9} {'ratio':>6} {'ideal':>6} {'of ideal':>8} "
+          f"{'MB':>8}")
     for r in rows:
         print(f"{r['what']:<18} {r['length']:>5} {r['sparsity']:>8.0%} {r['backend']:<20} {1000 * r['seconds']:>9.2f} "
-              f"{r['ratio']:>6.2f} {r['ideal']:>6.2f} {r['ratio'] / r['ideal']:>8.2f}")
+              f"{r['ratio']:>6.2f} {r['ideal']:>6.2f} {r['ratio'] / r['ideal']:>8.2f} {r['mb']:>8.1f}")
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "benchmark.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -63,7 +63,10 @@ def test_benchmark_script_writes_table_csv_and_plot(tmp_path):
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
-    assert len(rows) == 4 + 3  # forward: dense + 3 backends; fwd+bwd on CPU: dense + eager + sdpa masked
+    assert len(rows) == 5 + 4  # forward: dense + 4 backends; fwd+bwd on CPU: dense + eager + sdpa masked + block
+    block = next(r for r in rows if r["backend"] == "block" and r["what"] == "attention fwd+bwd")
+    dense = next(r for r in rows if r["backend"].startswith("sdpa causal") and r["what"] == "attention fwd+bwd")
+    assert 0 < float(block["mb"]) and 0 < float(dense["mb"])  # saved-for-backward memory is measured
     assert "flex" in proc.stdout and (tmp_path / "benchmark.png").stat().st_size > 1000
     # 256 positions in 64-wide tiles: 10 valid tiles; the 4 diagonal ones are always kept (> 25 %): ideal 10/4
     flex = next(r for r in rows if r["backend"] == "flex")
