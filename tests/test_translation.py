@@ -224,7 +224,11 @@ def test_bad_masks_are_never_added(dm: TranslationDataModule) -> None:
         mha(x, x, x, attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1))
     with pytest.raises(MaskError, match="attn_mask"):
         module.model.encoder.layers[0].self_attn(x, x, x, attn_mask=torch.zeros(5, 5))
-    mha(x, x, x, attn_mask=torch.full((5, 5), float("-inf")).triu(1))  # fairseq's own causal mask is accepted
+    causal = torch.full((5, 5), float("-inf")).triu(1)
+    mha(x, x, x, attn_mask=causal)  # fairseq's own causal mask is accepted (and remembered) ...
+    causal.zero_()
+    with pytest.raises(MaskError, match="attn_mask"):  # ... but checked again once changed in place
+        mha(x, x, x, attn_mask=causal)
     too_long = {"src_tokens": torch.full((1, MAX_LEN + 1), 5), "src_lengths": torch.tensor([MAX_LEN + 1]),
                 "prev_output_tokens": torch.full((1, 3), 5)}
     random_masks(module)

@@ -41,12 +41,31 @@ def _mha_class() -> type:
     return importlib.import_module("fairseq.modules.multihead_attention").MultiheadAttention
 
 
+# tensors already checked (fairseq reuses one cached causal mask); holding them keeps their storage from being reused
+# by another tensor with the same key
+_FUTURE_MASKS_SEEN: dict[tuple, Tensor] = {}
+
+
 def _is_future_mask(mask: Tensor, tgt_len: int, src_len: int) -> bool:
-    """Is ``mask`` fairseq's additive causal mask (-inf above the diagonal, 0 elsewhere)?"""
+    """Is ``mask`` fairseq's additive causal mask (-inf above the diagonal, 0 elsewhere)?
+
+    A tensor seen before, unchanged (same storage, shape, strides and version counter), is not compared again: in
+    training the decoder passes the same buffered mask to every layer at every step.
+    """
     if mask.dtype == torch.bool or mask.shape != (tgt_len, src_len):
         return False
+    # inference tensors have no version counter: those are compared every time
+    key = None if mask.is_inference() else (mask.data_ptr(), tuple(mask.shape), mask.stride(), mask._version,
+                                            mask.dtype, mask.device)
+    if key is not None and key in _FUTURE_MASKS_SEEN:
+        return True
     future = torch.ones(tgt_len, src_len, dtype=torch.bool, device=mask.device).triu(1)  # (T, S)
-    return bool(torch.equal(torch.isneginf(mask), future)) and bool((mask[~future] == 0).all())
+    ok = bool(torch.equal(torch.isneginf(mask), future)) and bool((mask[~future] == 0).all())
+    if ok and key is not None:
+        if len(_FUTURE_MASKS_SEEN) > 64:  # masks of many lengths: keep the set small
+            _FUTURE_MASKS_SEEN.clear()
+        _FUTURE_MASKS_SEEN[key] = mask
+    return ok
 
 
 def _swap_forward(cls_mha: type) -> type:
@@ -129,7 +148,7 @@ def _swap_forward(cls_mha: type) -> type:
             if site.kind is SiteKind.ENC_SELF:
                 q_pad = k_pad  # queries are the keys
             elif incremental_state is None:  # full decoder pass: targets may be (right-)padded
-                q_pad = self._query_padding if self._query_padding is not None else None
+                q_pad = self._query_padding
                 if q_pad is not None and (q_pad.shape != (bsz, tgt_len) or not q_pad.any()):
                     q_pad = None
                 if site.kind is SiteKind.DEC_SELF:
@@ -171,15 +190,18 @@ def _set_query_padding(decoder: nn.Module, args: tuple, kwargs: dict) -> None:
     tokens = args[0] if args else kwargs.get("prev_output_tokens")
     full = kwargs.get("incremental_state") is None and (len(args) < 3 or args[2] is None)
     pad = tokens.eq(decoder.padding_idx) if full and tokens is not None else None  # (B, T)
-    for m in decoder.modules():
-        if isinstance(m, ap_mha_class()):
-            m._query_padding = pad
+    _hand_query_padding(decoder, pad)
 
 
 def _clear_query_padding(decoder: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    _hand_query_padding(decoder, None)
+
+
+def _hand_query_padding(decoder: nn.Module, pad: Optional[Tensor]) -> None:
+    ap_mha = ap_mha_class()
     for m in decoder.modules():
-        if isinstance(m, ap_mha_class()):
-            m._query_padding = None
+        if isinstance(m, ap_mha):
+            m._query_padding = pad
 
 
 def attach_sites(model: nn.Module, max_source: int, max_target: int, backend: str = "sdpa") -> dict[str, str]:

@@ -105,7 +105,7 @@ class TranslationDataModule(pl.LightningDataModule):
         indices, ignored = ds.filter_indices_by_size(indices, self.max_positions)
         if len(ignored) and not drop_long:
             raise APError(f"{len(ignored)} {split} sentence pair(s) exceed data.max_source_positions/"
-                          f"max_target_positions={self.max_positions}; raise them (and model.max_positions)")
+                          f"max_target_positions={self.max_positions}; raise them (data.max_source_positions=...)")
         if len(ignored):
             log.warning(f"{len(ignored)} {split} pairs longer than {self.max_positions} tokens are skipped")
         return ds.batch_by_size(indices[rank::world], max_tokens=max_tokens, required_batch_size_multiple=1)
