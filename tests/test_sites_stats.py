@@ -169,6 +169,10 @@ def test_auto_backend_choices():
     assert sparse.choose_backend(mask, True, False, False, 0.0, q_pos, k_pos, window) == "flex"
     assert sparse._empty_tiles[window] >= AUTO_SPARSE_MIN_EMPTY
     assert sparse.choose_backend(mask, True, False, True, 0.0, q_pos, k_pos, window) == "block", "CPU training"
+    assert sparse.choose_backend(mask, True, False, True, 0.1, q_pos, k_pos, window) == "block", "with dropout"
+    gpu = window[:4] + (torch.device("cuda"),)
+    assert sparse.choose_backend(mask, True, False, True, 0.0, q_pos, k_pos, gpu) == "flex", "GPU training"
+    assert sparse.choose_backend(mask, True, False, False, 0.1, q_pos, k_pos, window) == "block", "dropout: not flex"
     assert dense_ish.choose_backend(dense_ish._aligned_mask(q_pos, k_pos), True, False, True, 0.0, q_pos, k_pos,
                                     window) == "sdpa", "CPU training, few empty tiles"
     assert sparse.choose_backend(mask, True, True, False, 0.0, q_pos, k_pos, window) == "sdpa", "padded batch"

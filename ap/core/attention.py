@@ -7,9 +7,10 @@ registered by name (like HF transformers' ``AttentionInterface``):
   the probabilities (used for calibration).
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; with no mask and ``is_causal`` it is the fused causal
   kernel (the honest dense baseline), with a bool mask it is a masked dense kernel (correct, not faster).
-- ``auto`` (resolved per call by ``AttentionSite``): ``flex`` to train on GPU; on CPU, when the mask empties at least
-  ``AUTO_SPARSE_MIN_EMPTY`` of the valid tiles of a window of ``AUTO_SPARSE_MIN_LEN`` keys or more (where
-  ``scripts/benchmark.py`` measured them ahead), ``block`` to train and ``flex`` at inference; else ``sdpa``.
+- ``auto`` (resolved per call by ``AttentionSite``): ``flex`` to train on GPU without attention dropout; otherwise, when
+  the mask empties at least ``AUTO_SPARSE_MIN_EMPTY`` of the valid tiles of a window of ``AUTO_SPARSE_MIN_LEN`` keys or
+  more (where ``scripts/benchmark.py`` measured them ahead), ``block`` to train (or with dropout) and ``flex`` at
+  inference; else ``sdpa``.
 - ``block``: block-sparse attention from fused kernels (``BlockPlan``: kept tiles gathered per group of query tiles
   with the same number of kept tiles, one SDPA call per group). Forward and backward on CPU and GPU, with dropout:
   the CPU training path for block masks.

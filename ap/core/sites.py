@@ -171,10 +171,10 @@ class AttentionSite(nn.Module):
                        q_pos: Tensor, k_pos: Tensor, window: tuple) -> str:
         """What ``backend="auto"`` runs for this call (logged once per site and choice)."""
         device = window[4]
-        if mask is None or padded or dropout_p > 0:
-            choice = "sdpa"  # dense: the fused kernel; padded batches: per-batch masks; dropout: flex has none
-        elif training and device.type == "cuda":
-            choice = "flex"  # forward and backward
+        if mask is None or padded:
+            choice = "sdpa"  # dense: the fused kernel; padded batches: per-batch masks
+        elif training and device.type == "cuda" and dropout_p == 0:
+            choice = "flex"  # forward and backward (flex has no attention dropout)
         else:
             if window not in self._empty_tiles:
                 keep = self._window_keep(mask, is_causal, q_pos, k_pos, window)[0]  # (H|1, Tq, Tk)
@@ -182,8 +182,9 @@ class AttentionSite(nn.Module):
                 empty, total = empty_tiles(keep, valid.expand_as(keep), FLEX_BLOCK_SIZE)
                 self._empty_tiles[window] = empty / total
             big = window[3] >= AUTO_SPARSE_MIN_LEN and self._empty_tiles[window] >= AUTO_SPARSE_MIN_EMPTY
-            # flex has no CPU backward (torch 2.13): the block backend trains on CPU; flex is faster at inference
-            choice = ("block" if training else "flex") if big else "sdpa"
+            # flex has no CPU backward (torch 2.13) and no dropout: block trains on CPU (and with dropout anywhere);
+            # flex is faster at inference
+            choice = ("block" if training or dropout_p > 0 else "flex") if big else "sdpa"
         if (choice, training) not in self._auto_logged:
             self._auto_logged.add((choice, training))
             log.info(f"site {self.name}: backend auto -> {choice} ({'training' if training else 'inference'} on "
