@@ -42,7 +42,7 @@ demo: install data
 demo-glue: install-hf data-glue
 	$(PYTHON) run.py task=glue pruning=ap50
 
-# Translation on the de->en Bible sample with fairseq (about 19 minutes on 2 CPU cores)
+# Translation on the de->en Bible sample with fairseq (about 18-19 minutes on 2 CPU cores)
 demo-wmt: install data-wmt
 	$(PYTHON) run.py task=wmt pruning=ap50
 
