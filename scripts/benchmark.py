@@ -139,8 +139,8 @@ def backward_rows(args: argparse.Namespace, length: int, q, k, v) -> list[dict]:
 
 
 def lm_rows(args: argparse.Namespace) -> list[dict]:
-    """The demo-size LM (d 128, 4 layers, 4 heads) at ``--lm-length``, same weights: inference (flex) and a training
-    step (forward + backward, block backend) against dense causal SDPA."""
+    """The demo-size LM (d 128, 4 layers, 4 heads) at ``--lm-length``, same weights: inference (block and flex) and a
+    training step (forward + backward, block) against dense causal SDPA."""
     length = args.lm_length
     torch.manual_seed(0)
     model = TransformerLM(TransformerLMConfig(vocab_size=8000, block_len=length, dropout=0.0)).to(args.device).eval()
@@ -155,7 +155,10 @@ def lm_rows(args: argparse.Namespace) -> list[dict]:
             block.attn.site.set_mask(mask)
             block.attn.site.backend = backend
 
-    for what, fn, sparse_backend in (("LM inference", lambda: model(x), "flex"), ("LM train step", train_step, "block")):
+    runs = [("LM inference", lambda: model(x), ["block", "flex"]), ("LM train step", train_step, ["block"])]
+    if args.device == "cuda":
+        runs[1][2].append("flex")
+    for what, fn, sparse_backends in runs:
         training = what == "LM train step"
         with torch.set_grad_enabled(training):
             dense = timed(fn, args.repeats, args.device)
@@ -163,11 +166,12 @@ def lm_rows(args: argparse.Namespace) -> list[dict]:
                          "seconds": dense, "ratio": 1.0, "ideal": 1.0, "mb": memory_mb(fn, args.device, training)})
             for sparsity in args.sparsity:
                 mask, kept = tile_mask(length, model.cfg.n_heads, sparsity, args.tile)
-                use(mask.to(args.device), sparse_backend)
-                s = timed(fn, args.repeats, args.device)
-                rows.append({"what": what, "length": length, "sparsity": sparsity, "backend": sparse_backend,
-                             "seconds": s, "ratio": dense / s, "ideal": 1 / kept,
-                             "mb": memory_mb(fn, args.device, training)})
+                for sparse_backend in sparse_backends:
+                    use(mask.to(args.device), sparse_backend)
+                    s = timed(fn, args.repeats, args.device)
+                    rows.append({"what": what, "length": length, "sparsity": sparsity, "backend": sparse_backend,
+                                 "seconds": s, "ratio": dense / s, "ideal": 1 / kept,
+                                 "mb": memory_mb(fn, args.device, training)})
                 use(None, "sdpa")
     return rows
 

@@ -1,11 +1,12 @@
-"""The block backend (block-sparse attention from fused SDPA calls: the CPU training path) against eager masked
-attention, in values and gradients."""
+"""The block backend (block-sparse attention from fused kernels) against eager masked attention, in values and
+gradients: the merged path (CPU, no dropout: flash calls per part merged by log-sum-exp, with its own backward) and the
+gathered path (GPU or attention dropout: one SDPA call per group)."""
 
 import pytest
 import torch
 
 from ap.core import AttentionSite, MaskError, attention
-from ap.core.attention import block_plan
+from ap.core.attention import _gathered_block, block_plan
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
 
 
@@ -13,17 +14,27 @@ def grads(out, tensors):
     return torch.autograd.grad(out.pow(2).sum(), tensors)
 
 
-def check_against_eager(q, k, v, mask, causal, atol=1e-5):
+def gathered(q, k, v, mask, causal):
+    """The gathered path, called directly (the backend takes it on CPU only with dropout)."""
+    keep = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril() if causal else mask
+    return _gathered_block(q, k, v, block_plan(keep, q.shape[1]), 0.0, q.shape[-1] ** -0.5)
+
+
+def check_against_eager(q, k, v, mask, causal, atol=1e-5, path="merged"):
     ref, _ = attention(q, k, v, mask=mask, is_causal=causal, backend="eager")
-    out, _ = attention(q, k, v, mask=mask, is_causal=causal, backend="block")
+    if path == "merged":
+        out, _ = attention(q, k, v, mask=mask, is_causal=causal, backend="block")
+    else:
+        out = gathered(q, k, v, mask, causal)
     torch.testing.assert_close(out, ref, atol=atol, rtol=1e-5)
     for a, b in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
     return out
 
 
+@pytest.mark.parametrize("path", ["merged", "gathered"])
 @pytest.mark.parametrize("causal,tq,tk", [(True, 150, 150), (False, 150, 150), (False, 70, 130)])
-def test_block_equals_eager(causal, tq, tk):
+def test_block_equals_eager(causal, tq, tk, path):
     """Causal self, bidirectional self and cross shapes; lengths not multiples of the tile (rows near the end)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, tq, 16, generator=g, requires_grad=True)
@@ -32,8 +43,38 @@ def test_block_equals_eager(causal, tq, tk):
     mask = tiles.repeat_interleave(64, 1).repeat_interleave(64, 2)[:, :tq, :tk].clone()  # (H, Tq, Tk)
     mask &= torch.rand(3, tq, tk, generator=g) > 0.2  # and element holes inside kept tiles
     mask[:, -1] = False  # the last row is empty: zeros, no NaN
-    out = check_against_eager(q, k, v, mask, causal)
+    out = check_against_eager(q, k, v, mask, causal, path=path)
     assert out[:, :, -1].abs().max() == 0
+
+
+@pytest.mark.parametrize("length", [256, 300])
+def test_block_equals_eager_on_causal_tile_masks(length):
+    """The AP shape of a causal LM: whole kept tiles plus the causal diagonal. At 256 the diagonal runs as one causal
+    call over every query tile (no gathers; the other parts are merged into its output); at 300 the last diagonal tile
+    is cut by the sequence end and runs as a partial tile."""
+    g = torch.Generator().manual_seed(3)
+    n = -(-length // 64)
+    tiles = (torch.rand(2, n, n, generator=g) > 0.5) | torch.eye(n, dtype=torch.bool)  # (H, Qb, Kb)
+    mask = tiles.repeat_interleave(64, 1).repeat_interleave(64, 2)[:, :length, :length].clone()  # (H, L, L)
+    plan = block_plan(mask & torch.ones(length, length, dtype=torch.bool).tril(), 2)
+    causal_parts = [p for p in plan.parts if p.causal]
+    assert len(causal_parts) == 1 and causal_parts[0].all_q == (length == 256)
+    assert (length == 300) == any(p.bias is not None for p in plan.parts)
+    q, k, v = (torch.randn(2, 2, length, 16, generator=g, requires_grad=True) for _ in range(3))
+    check_against_eager(q, k, v, mask, True)
+
+
+def test_block_row_with_nothing_kept_in_one_of_its_tiles():
+    """Rows kept in a full tile but with no kept entry in a partial tile of the same query tile: the partial part must
+    not count in their softmax (the kernel reports log-sum-exp 0 for such rows)."""
+    g = torch.Generator().manual_seed(4)
+    mask = torch.zeros(1, 64, 128, dtype=torch.bool)
+    mask[:, :, :64] = True  # a full tile
+    mask[:, :, 64:] = torch.rand(1, 64, 64, generator=g) > 0.5  # a partial tile ...
+    mask[:, :10, 64:] = False  # ... in which the first rows keep nothing
+    q = torch.randn(1, 1, 64, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 1, 128, 8, generator=g, requires_grad=True) for _ in range(2))
+    check_against_eager(q, k, v, mask, False)
 
 
 def test_block_plan_skips_empty_tiles_and_checks_shapes():

@@ -73,13 +73,14 @@ def test_benchmark_script_writes_table_csv_and_plot(tmp_path):
     assert float(flex["ideal"]) == 2.5 and float(flex["ratio"]) > 0
 
 
-def test_auto_backend_runs_flex_at_inference_and_matches_eager():
+def test_auto_backend_runs_block_at_inference_on_cpu_and_matches_eager():
     from test_sites_stats import tile_mask_site
 
     site = tile_mask_site(0.9)
     q, k, v = (torch.randn(1, 2, 512, 8) for _ in range(3))
     with torch.no_grad():
         out = site(q, k, v)
-        assert len(site._block_masks) == 1, "auto chose flex"
+        assert site._auto_logged == {("block", False)}, "on CPU auto runs block (faster than flex) at inference"
+        assert [key[0] for key in site._block_masks] == ["plan"]
         site.backend = "eager"
         torch.testing.assert_close(out, site(q, k, v), atol=1e-5, rtol=1e-5)

@@ -166,13 +166,15 @@ def test_auto_backend_choices():
     for site in (sparse, dense_ish):
         site.name = "s"
     mask = sparse._aligned_mask(q_pos, k_pos)
-    assert sparse.choose_backend(mask, True, False, False, 0.0, q_pos, k_pos, window) == "flex"
+    assert sparse.choose_backend(mask, True, False, False, 0.0, q_pos, k_pos, window) == "block", "CPU inference"
     assert sparse._empty_tiles[window] >= AUTO_SPARSE_MIN_EMPTY
     assert sparse.choose_backend(mask, True, False, True, 0.0, q_pos, k_pos, window) == "block", "CPU training"
     assert sparse.choose_backend(mask, True, False, True, 0.1, q_pos, k_pos, window) == "block", "with dropout"
     gpu = window[:4] + (torch.device("cuda"),)
     assert sparse.choose_backend(mask, True, False, True, 0.0, q_pos, k_pos, gpu) == "flex", "GPU training"
-    assert sparse.choose_backend(mask, True, False, False, 0.1, q_pos, k_pos, window) == "block", "dropout: not flex"
+    sparse._empty_tiles[gpu] = sparse._empty_tiles[window]  # (no CUDA here to measure it on)
+    assert sparse.choose_backend(mask, True, False, False, 0.0, q_pos, k_pos, gpu) == "flex", "GPU inference"
+    assert sparse.choose_backend(mask, True, False, False, 0.1, q_pos, k_pos, gpu) == "block", "dropout: not flex"
     assert dense_ish.choose_backend(dense_ish._aligned_mask(q_pos, k_pos), True, False, True, 0.0, q_pos, k_pos,
                                     window) == "sdpa", "CPU training, few empty tiles"
     assert sparse.choose_backend(mask, True, True, False, 0.0, q_pos, k_pos, window) == "sdpa", "padded batch"

@@ -28,6 +28,7 @@ Semantics shared by all backends:
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -161,15 +162,37 @@ def flex_backend(
 
 
 BLOCK_TILE = 64  # query/key tile of the block backend (matches FLEX_BLOCK_SIZE and pruning.block_size=64)
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class BlockPart:
+    """One fused flash-attention call of the merged block path: ``c`` (head, query tile) pairs with ``n`` key tiles each.
+
+    The calls of a plan split every query row's kept keys into disjoint parts: full tiles (no mask), the causal diagonal
+    tile (the kernel's own causal mask) and partial tiles (an additive bias); per-part outputs are merged exactly by their
+    log-sum-exp.
+    """
+
+    q_rows: Tensor  # (c,) head * Qb + query tile: rows of the (B, H*Qb, bs, D) tiled queries
+    k_flat: Tensor  # (c*n*bs,) head * Kp + key position: rows of the (B, H*Kp, D) keys gathered for the call
+    n: int  # key tiles per query tile
+    causal: bool  # n == 1 and each tile is the lower triangle: is_causal, no bias
+    bias: Optional[Tensor] = None  # (1, c, bs, n*bs) float 0 / -inf; None = every gathered entry is kept
+    dead: Optional[Tensor] = None  # (c, bs) rows with no kept entry in this part; None = none
+    all_q: bool = False  # q_rows is every query tile in order: no query gather
+    all_k: bool = False  # k_flat is every key position in order: no key/value gather
 
 
 @dataclass
 class BlockPlan:
-    """Where the kept tiles of a fixed keep-mask are, grouped so that each group is one fused SDPA call.
+    """Where the kept tiles of a fixed keep-mask are, grouped for fused calls.
 
-    Every (head, query tile) with ``n`` kept key tiles joins group ``n``; a group holds its heads ``(c,)``, query
-    positions ``(c, bs)``, gathered key positions ``(c, n*bs)`` and the element mask on them ``(c, bs, n*bs)`` (None
-    when all gathered entries are kept). Query tiles with no kept key are in no group (their output is 0).
+    ``parts`` drive the merged path (CPU, no dropout: full / causal-diagonal / partial tiles as separate flash calls
+    merged by log-sum-exp). ``groups`` drive the gathered path (GPU or attention dropout): every (head, query tile)
+    with ``n`` kept key tiles joins group ``n``; a group holds its heads ``(c,)``, query positions ``(c, bs)``, gathered
+    key positions ``(c, n*bs)`` and the element mask on them ``(c, bs, n*bs)`` (None when all gathered entries are
+    kept). Query tiles with no kept key are in no group or part (their output is 0).
     """
 
     tq: int
@@ -178,6 +201,8 @@ class BlockPlan:
     n_heads: int
     groups: list[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]
     rows: Tensor  # (R,) flat (head * Tq_padded + query) positions written by the groups, in group order
+    parts: list[BlockPart]
+    part_rows: Tensor  # (P,) q_rows of all parts, in part order
 
     @property
     def kept_tile_fraction(self) -> float:
@@ -185,34 +210,184 @@ class BlockPlan:
         return sum(int(g[2].numel()) // self.bs for g in self.groups) / max(1, total)  # k_idx: (c, n*bs)
 
 
+def _grouped(tiles: Tensor) -> list[tuple[int, Tensor, Tensor, Tensor]]:
+    """``(n, heads (c,), query tiles (c,), key tiles (c, n))`` per number ``n`` of True tiles in a row of
+    ``tiles (H, Qb, Kb)``."""
+    counts = tiles.sum(-1)  # (H, Qb)
+    out = []
+    for n in sorted(set(counts[counts > 0].tolist())):
+        heads, qt = (counts == n).nonzero(as_tuple=True)  # (c,), (c,)
+        out.append((n, heads, qt, tiles[heads, qt].nonzero()[:, 1].view(-1, n)))  # key tiles ascending
+    return out
+
+
 def block_plan(keep: Tensor, n_heads: int, bs: int = BLOCK_TILE) -> BlockPlan:
     """The ``BlockPlan`` of a bool ``keep`` ``(H|1, Tq, Tk)`` (causality folded in) for ``n_heads`` heads."""
     _, tq, tk = keep.shape
-    qp, kp = -(-tq // bs) * bs, -(-tk // bs) * bs
+    qb, kb = -(-tq // bs), -(-tk // bs)
+    qp, kp = qb * bs, kb * bs
     keep = F.pad(keep.expand(n_heads, tq, tk), (0, kp - tk, 0, qp - tq))  # (H, Qp, Kp), padding never kept
-    tiles = keep.unflatten(2, (-1, bs)).unflatten(1, (-1, bs)).any(dim=4).any(dim=2)  # (H, Qb, Kb)
-    counts = tiles.sum(-1)  # (H, Qb)
+    t = keep.view(n_heads, qb, bs, kb, bs)
+    kept = t.any(dim=4).any(dim=2)  # (H, Qb, Kb) tiles with a kept entry
     ar = torch.arange(bs, device=keep.device)
+
     groups, rows = [], []
-    for n in sorted(set(counts[counts > 0].tolist())):
-        heads, qt = (counts == n).nonzero(as_tuple=True)  # (c,), (c,)
-        kt = tiles[heads, qt].nonzero()[:, 1].view(-1, n)  # (c, n) kept key tiles, ascending
+    for n, heads, qt, kt in _grouped(kept):
         k_idx = (kt[..., None] * bs + ar).flatten(1)  # (c, n*bs)
         q_idx = qt[:, None] * bs + ar  # (c, bs)
         m = keep[heads[:, None, None], q_idx[:, :, None], k_idx[:, None, :]]  # (c, bs, n*bs)
         groups.append((heads, q_idx, k_idx, None if bool(m.all()) else m))
         rows.append((heads[:, None] * qp + q_idx).flatten())
-    rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=keep.device)
-    return BlockPlan(tq, tk, bs, n_heads, groups, rows_t)
+
+    full = t.all(dim=4).all(dim=2)  # (H, Qb, Kb) tiles kept entirely
+    causal = torch.zeros_like(kept)
+    if qb == kb:  # diagonal tiles that are exactly the lower triangle run with the kernel's causal mask
+        diag = t.diagonal(dim1=1, dim2=3)  # (H, bs, bs, Qb)
+        tril = torch.ones(bs, bs, dtype=torch.bool, device=keep.device).tril()
+        causal.diagonal(dim1=1, dim2=2).copy_((diag == tril[..., None]).all(1).all(1))  # (H, Qb)
+    partial = kept & ~full & ~causal
+    parts = []
+    for tiles, kind in ((full, "full"), (causal, "causal"), (partial, "partial")):
+        for n, heads, qt, kt in _grouped(tiles):
+            k_idx = (kt[..., None] * bs + ar).flatten(1)  # (c, n*bs)
+            part = BlockPart(heads * qb + qt, (heads[:, None] * kp + k_idx).flatten(), n, kind == "causal")
+            part.all_q = part.q_rows.numel() == n_heads * qb and bool((part.q_rows.diff() == 1).all())
+            part.all_k = part.k_flat.numel() == n_heads * kp and bool((part.k_flat.diff() == 1).all())
+            if kind == "partial":
+                m = keep[heads[:, None, None], (qt[:, None] * bs + ar)[:, :, None], k_idx[:, None, :]]  # (c, bs, n*bs)
+                part.bias = torch.zeros(m.shape, device=keep.device).masked_fill(~m, _NEG_INF)[None]
+                dead = ~m.any(-1)  # (c, bs)
+                part.dead = dead if bool(dead.any()) else None
+            parts.append(part)
+    empty = torch.zeros(0, dtype=torch.long, device=keep.device)
+    return BlockPlan(tq, tk, bs, n_heads, groups, torch.cat(rows) if rows else empty,
+                     parts, torch.cat([p.q_rows for p in parts]) if parts else empty)
+
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_scratch_local = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A reusable buffer (per thread, name, device and dtype) viewed as ``shape``. Gathers write here: a fresh large CPU
+    allocation is page-faulted in on first touch, which measured as slow as the attention itself."""
+    bufs = _scratch_local.__dict__.setdefault("bufs", {})
+    key, n = (name, like.device, like.dtype), math.prod(shape)
+    if key not in bufs or bufs[key].numel() < n:
+        bufs[key] = torch.empty(n, device=like.device, dtype=like.dtype)
+    return bufs[key][:n].view(shape)
+
+
+def _tiles(x: Tensor, name: str, bs: int) -> Tensor:
+    """``x (B, H, T, D)`` → contiguous ``(B, H*ceil(T/bs), bs, D)``, zero rows past ``T`` (a view when possible)."""
+    b, h, t, d = x.shape
+    tp = -(-t // bs) * bs
+    if t == tp and x.is_contiguous():
+        return x.view(b, h * tp // bs, bs, d)
+    out = _scratch(name, (b, h, tp, d), x)
+    out[:, :, :t].copy_(x)
+    out[:, :, t:].zero_()
+    return out.view(b, h * tp // bs, bs, d)
+
+
+def _gather(x: Tensor, index: Tensor, name: str) -> Tensor:
+    """``x.index_select(1, index)`` into a scratch buffer."""
+    return torch.index_select(x, 1, index, out=_scratch(name, (x.shape[0], index.numel(), *x.shape[2:]), x))
+
+
+def _part_inputs(part: BlockPart, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gathered ``q (B, c, bs, D)``, ``k, v (B, c, n*bs, D)`` of a part from tiled ``q_t (B, H*Qb, bs, D)`` and
+    ``k_t, v_t (B, H*Kb, bs, D)``."""
+    b, _, bs, d = q_t.shape
+    c = part.q_rows.numel()
+    qg = q_t if part.all_q else _gather(q_t, part.q_rows, "qg")
+    k_f, v_f = k_t.view(b, -1, d), v_t.view(b, -1, d)  # (B, H*Kp, D)
+    if not part.all_k:
+        k_f, v_f = _gather(k_f, part.k_flat, "kg"), _gather(v_f, part.k_flat, "vg")
+    return qg, k_f.view(b, c, part.n * bs, d), v_f.view(b, c, part.n * bs, d)
+
+
+def _merged_forward(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float) -> tuple[Tensor, Tensor]:
+    """Padded ``out (B, H, Qp, D)`` and ``logsumexp (B, H, Qp)`` (-inf for rows with no kept key) of the merged path."""
+    b, h, tq, d = q.shape
+    bs, rows = plan.bs, h * -(-tq // plan.bs)
+    q_t, k_t, v_t = _tiles(q, "q", bs), _tiles(k, "k", bs), _tiles(v, "v", bs)  # (B, H*Qb|H*Kb, bs, D)
+    outs, lses = [], []
+    for part in plan.parts:
+        qg, kg, vg = _part_inputs(part, q_t, k_t, v_t)
+        bias = None if part.bias is None else part.bias.to(q.dtype)
+        o, lse = _flash_cpu(qg, kg, vg, 0.0, part.causal, attn_mask=bias, scale=scale)  # (B, c, bs, D), (B, c, bs)
+        if part.dead is not None:
+            lse = lse.masked_fill(part.dead, _NEG_INF)  # the kernel reports 0 for rows with nothing kept
+        outs.append(o)
+        lses.append(lse)
+    # the row's log-sum-exp over all its parts, then each part's output weighted by its share of the softmax
+    top = q.new_full((b, rows, bs), _NEG_INF, dtype=torch.float32)  # (B, H*Qb, bs) largest part log-sum-exp
+    for part, lse in zip(plan.parts, lses):
+        top.index_copy_(1, part.q_rows, torch.maximum(top.index_select(1, part.q_rows), lse))
+    top.masked_fill_(top == _NEG_INF, 0.0)
+    den = torch.zeros_like(top)
+    for part, lse in zip(plan.parts, lses):
+        den.index_add_(1, part.q_rows, (lse - top.index_select(1, part.q_rows)).exp())
+    lse_all = top + den.log()  # (B, H*Qb, bs); -inf: no kept key
+    ref = lse_all.masked_fill(den == 0, 0.0)
+    # accumulate into the output of a part that covers every query tile (the causal diagonal), else into zeros
+    weight = lambda i: (lses[i] - ref.index_select(1, plan.parts[i].q_rows)).exp()[..., None]  # noqa: E731  (B, c, bs, 1)
+    base = next((i for i, p in enumerate(plan.parts) if p.all_q), None)
+    if base is None:
+        out = q.new_zeros(b, rows, bs, d, dtype=torch.float32)  # (B, H*Qb, bs, D): rows with nothing kept stay 0
+    else:
+        out = outs[base].float().mul_(weight(base))
+    for i, (part, o) in enumerate(zip(plan.parts, outs)):
+        if i != base:
+            out.index_add_(1, part.q_rows, o.float().mul_(weight(i)))
+    return out.to(q.dtype).view(b, h, -1, d), lse_all.view(b, h, -1)
+
+
+class _MergedBlockAttention(torch.autograd.Function):
+    """The merged path with a backward made of the kernel's own flash backward per part: with the merged output and
+    log-sum-exp, each part's backward gives exactly its tiles' share of the gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float) -> Tensor:
+        out, lse = _merged_forward(q, k, v, plan, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out[:, :, : q.shape[2]].clone()  # (B, H, Tq, D)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, bs = ctx.plan, ctx.plan.bs
+        b, h, tq, d = q.shape
+        q_t, k_t, v_t, g_t = _tiles(q, "q", bs), _tiles(k, "k", bs), _tiles(v, "v", bs), _tiles(grad, "g", bs)
+        o_t = out.view(b, -1, bs, d)  # (B, H*Qb, bs, D)
+        lse_t = lse.masked_fill(lse == _NEG_INF, float("inf")).view(b, -1, bs)  # nothing kept: zero weights
+        dq, dk, dv = torch.zeros_like(q_t), torch.zeros_like(k_t).view(b, -1, d), torch.zeros_like(v_t).view(b, -1, d)
+        for part in plan.parts:
+            qg, kg, vg = _part_inputs(part, q_t, k_t, v_t)
+            sel = (lambda x: x) if part.all_q else (lambda x: x.index_select(1, part.q_rows))  # noqa: E731
+            bias = None if part.bias is None else part.bias.to(q.dtype)
+            gq, gk, gv = _flash_cpu_backward(sel(g_t), qg, kg, vg, sel(o_t), sel(lse_t), 0.0, part.causal,
+                                             attn_mask=bias, scale=ctx.scale)  # (B, c, bs|n*bs, D)
+            dq.index_add_(1, part.q_rows, gq)
+            dk.index_add_(1, part.k_flat, gk.flatten(1, 2))
+            dv.index_add_(1, part.k_flat, gv.flatten(1, 2))
+        tk = k.shape[2]
+        return (dq.view(b, h, -1, d)[:, :, :tq], dk.view(b, h, -1, d)[:, :, :tk], dv.view(b, h, -1, d)[:, :, :tk],
+                None, None)
 
 
 @register_backend("block")
 def block_backend(
     q: Tensor, k: Tensor, v: Tensor, mask: Any, is_causal: bool, dropout_p: float, scale: float, need_probs: bool,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """Block-sparse attention from fused kernels (CPU and GPU, forward and backward, dropout): per group of a
-    ``BlockPlan``, gather the kept key/value tiles and call SDPA on them; pruned tiles are never computed.
+    """Block-sparse attention from fused kernels; pruned tiles are never computed.
 
+    On CPU without dropout (the merged path): per ``BlockPart`` one flash-attention call (forward and backward) on
+    the gathered tiles, merged by log-sum-exp. Otherwise (GPU, or attention dropout; the gathered path): per group of a
+    ``BlockPlan``, gather all kept key/value tiles of its query tiles and call SDPA with the element mask.
     ``mask``: a prepared ``BlockPlan`` (callers cache it per position window) or a bool keep-mask (planned per call).
     """
     b, h, tq, d = q.shape
@@ -235,6 +410,16 @@ def block_backend(
         plan = block_plan(keep, h)
     if (plan.tq, plan.tk, plan.n_heads) != (tq, k.shape[-2], h):
         raise MaskError(f"BlockPlan for {plan.n_heads} heads x {plan.tq} x {plan.tk} used on {h} x {tq} x {k.shape[-2]}")
+    if q.device.type == "cpu" and dropout_p == 0:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _MergedBlockAttention.apply(q, k, v, plan, scale), None
+        return _merged_forward(q, k, v, plan, scale)[0][:, :, :tq], None
+    return _gathered_block(q, k, v, plan, dropout_p, scale), None
+
+
+def _gathered_block(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, dropout_p: float, scale: float) -> Tensor:
+    """The gathered path of the block backend (any device, dropout): ``(B, H, Tq, D)``."""
+    b, h, tq, d = q.shape
     qp = -(-tq // plan.bs) * plan.bs
     kp = -(-plan.tk // plan.bs) * plan.bs
     q_ = F.pad(q, (0, 0, 0, qp - tq))  # (B, H, Qp, D)
@@ -248,7 +433,7 @@ def block_backend(
     out = q.new_zeros(b, h * qp, d)  # (B, H*Qp, D): rows in no group stay 0
     if outs:
         out = out.index_copy(1, plan.rows, torch.cat(outs, dim=1))
-    return out.view(b, h, qp, d)[:, :, :tq], None
+    return out.view(b, h, qp, d)[:, :, :tq]
 
 
 def attention(

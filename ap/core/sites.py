@@ -182,9 +182,9 @@ class AttentionSite(nn.Module):
                 empty, total = empty_tiles(keep, valid.expand_as(keep), FLEX_BLOCK_SIZE)
                 self._empty_tiles[window] = empty / total
             big = window[3] >= AUTO_SPARSE_MIN_LEN and self._empty_tiles[window] >= AUTO_SPARSE_MIN_EMPTY
-            # flex has no CPU backward (torch 2.13) and no dropout: block trains on CPU (and with dropout anywhere);
-            # flex is faster at inference
-            choice = ("block" if training or dropout_p > 0 else "flex") if big else "sdpa"
+            # on CPU block beats flex in forward and has the backward flex lacks (torch 2.13); on GPU flex, except
+            # with attention dropout (flex has none)
+            choice = ("block" if device.type == "cpu" or dropout_p > 0 else "flex") if big else "sdpa"
         if (choice, training) not in self._auto_logged:
             self._auto_logged.add((choice, training))
             log.info(f"site {self.name}: backend auto -> {choice} ({'training' if training else 'inference'} on "
