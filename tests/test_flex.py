@@ -73,6 +73,26 @@ def test_benchmark_script_writes_table_csv_and_plot(tmp_path):
     assert float(flex["ideal"]) == 2.5 and float(flex["ratio"]) > 0
 
 
+def test_benchmark_script_lm_rows(tmp_path):
+    """The whole-LM section alone (no attention rows): inference, the stack without its output layer, a training step."""
+    import csv
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark.py"), "--lengths", "--lm-length", "128",
+                           "--sparsity", "0.9", "--batch", "1", "--repeats", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
+    assert [(r["what"], r["backend"]) for r in rows] == [
+        ("LM inference", "sdpa causal (dense)"), ("LM inference", "block"), ("LM inference", "flex"),
+        ("LM body inference", "sdpa causal (dense)"), ("LM body inference", "block"),
+        ("LM train step", "sdpa causal (dense)"), ("LM train step", "block")]
+    assert all(float(r["seconds"]) > 0 for r in rows)
+
+
 def test_auto_backend_runs_block_at_inference_on_cpu_and_matches_eager():
     from test_sites_stats import tile_mask_site
 

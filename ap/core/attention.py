@@ -9,11 +9,14 @@ registered by name (like HF transformers' ``AttentionInterface``):
   kernel (the honest dense baseline), with a bool mask it is a masked dense kernel (correct, not faster).
 - ``auto`` (resolved per call by ``AttentionSite``): ``flex`` to train on GPU without attention dropout; otherwise, when
   the mask empties at least ``AUTO_SPARSE_MIN_EMPTY`` of the valid tiles of a window of ``AUTO_SPARSE_MIN_LEN`` keys or
-  more (where ``scripts/benchmark.py`` measured them ahead), ``block`` to train (or with dropout) and ``flex`` at
-  inference; else ``sdpa``.
-- ``block``: block-sparse attention from fused kernels (``BlockPlan``: kept tiles gathered per group of query tiles
-  with the same number of kept tiles, one SDPA call per group). Forward and backward on CPU and GPU, with dropout:
-  the CPU training path for block masks.
+  more (where ``scripts/benchmark.py`` measured them ahead), ``block`` on CPU (training and inference) and ``flex`` on
+  GPU (``block`` with attention dropout); else ``sdpa``.
+- ``block``: block-sparse attention from fused kernels, planned once per mask (``BlockPlan``). On CPU without dropout
+  (the merged path): each query tile's kept key tiles are split into full tiles, the causal diagonal tile and partial
+  tiles; each kind is one flash-attention call per group of query tiles with the same tile count, and the parts are
+  merged exactly by their log-sum-exp; the backward runs the kernel's flash backward per part with the merged output and
+  log-sum-exp. Otherwise (GPU, attention dropout; the gathered path): one SDPA call per group with all kept tiles and
+  the element mask. Forward and backward everywhere; the fastest CPU path for block masks.
 - ``flex``: FlexAttention (compiled once per shape with ``dynamic=False``) with a ``BlockMask`` built from the
   bool mask and cached, so tiles with no kept entry are skipped and kept tiles apply the exact element mask. Forward
   on CPU and GPU; backward only on GPU (torch 2.13 has no CPU backward: asking for it raises). No attention dropout.
@@ -35,6 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .errors import MaskError
 
@@ -357,6 +361,7 @@ class _MergedBlockAttention(torch.autograd.Function):
         return out[:, :, : q.shape[2]].clone()  # (B, H, Tq, D)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         q, k, v, out, lse = ctx.saved_tensors
         plan, bs = ctx.plan, ctx.plan.bs

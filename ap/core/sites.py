@@ -32,9 +32,9 @@ class SiteKind(str, Enum):
 
 
 log = logging.getLogger(__name__)
-# backend auto picks a block-sparse backend (flex at inference, block to train on CPU) from this share of empty valid
-# 64-tiles (both lost to SDPA at 50 % empty and won at 88-90 % in scripts/benchmark.py) and this many keys (below,
-# their fixed cost per call dominates)
+# backend auto picks a block-sparse backend (block on CPU, flex on GPU) from this share of empty valid 64-tiles and this
+# many keys (scripts/benchmark.py on 2 CPU cores: at 75 % empty block beat causal SDPA at L 512-2048, forward and
+# forward+backward; at 50 % it lost at L 2048)
 AUTO_SPARSE_MIN_EMPTY = 0.75
 AUTO_SPARSE_MIN_LEN = 512
 
