@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # --no-build-isolation against the torch installed here (compiles C++/Cython once, about 2 minutes on 2 cores).
 FAIRSEQ ?= fairseq-fixed==0.12.3.1
 
-.PHONY: install install-fairseq install-hf install-test data data-glue data-wmt demo demo-glue demo-wmt test test-fast clean
+.PHONY: install install-fairseq install-hf install-test data data-glue data-wmt demo demo-glue demo-wmt bench test test-fast clean
 
 install:
 	$(if $(TORCH),$(PIP) install $(TORCH))
@@ -45,6 +45,10 @@ demo-glue: install-hf data-glue
 # Translation on the de->en Bible sample with fairseq (about 18-19 minutes on 2 CPU cores)
 demo-wmt: install data-wmt
 	$(PYTHON) run.py task=wmt pruning=ap50
+
+# Attention and whole-LM speed against dense attention (README "Speed"; about 8 minutes on 2 CPU cores; table, CSV, PNG)
+bench:
+	$(PYTHON) scripts/benchmark.py --lengths 1024 2048 4096 --sparsity 0.5 0.9 --backward --lm-length 2048 --repeats 3
 
 test: install-test
 	$(PYTHON) -m pytest
