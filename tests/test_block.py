@@ -1,12 +1,12 @@
 """The block backend (block-sparse attention from fused kernels) against eager masked attention, in values and
-gradients: the merged path (CPU, no dropout: flash calls per part merged by log-sum-exp, with its own backward) and the
-gathered path (GPU or attention dropout: one SDPA call per group)."""
+gradients: the flash path (CPU, no dropout: PyTorch's CPU flash kernel per part, with a backward of its own) and the SDPA
+path (GPU or attention dropout: SDPA per part, autograd)."""
 
 import pytest
 import torch
 
 from ap.core import AttentionSite, MaskError, attention
-from ap.core.attention import _gathered_block, block_plan
+from ap.core.attention import _sdpa_block, block_plan
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
 
 
@@ -14,25 +14,25 @@ def grads(out, tensors):
     return torch.autograd.grad(out.pow(2).sum(), tensors)
 
 
-def gathered(q, k, v, mask, causal):
-    """The gathered path, called directly (the backend takes it on CPU only with dropout)."""
+def sdpa_path(q, k, v, mask, causal):
+    """The SDPA path, called directly (the backend takes it on CPU only with dropout)."""
     keep = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril() if causal else mask
-    return _gathered_block(q, k, v, block_plan(keep, q.shape[1]), 0.0, q.shape[-1] ** -0.5)
+    return _sdpa_block(q, k, v, block_plan(keep, q.shape[1]), 0.0, q.shape[-1] ** -0.5)
 
 
-def check_against_eager(q, k, v, mask, causal, atol=1e-5, path="merged"):
+def check_against_eager(q, k, v, mask, causal, atol=1e-5, path="flash"):
     ref, _ = attention(q, k, v, mask=mask, is_causal=causal, backend="eager")
-    if path == "merged":
+    if path == "flash":
         out, _ = attention(q, k, v, mask=mask, is_causal=causal, backend="block")
     else:
-        out = gathered(q, k, v, mask, causal)
+        out = sdpa_path(q, k, v, mask, causal)
     torch.testing.assert_close(out, ref, atol=atol, rtol=1e-5)
     for a, b in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
         torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
     return out
 
 
-@pytest.mark.parametrize("path", ["merged", "gathered"])
+@pytest.mark.parametrize("path", ["flash", "sdpa"])
 @pytest.mark.parametrize("causal,tq,tk", [(True, 150, 150), (False, 150, 150), (False, 70, 130)])
 def test_block_equals_eager(causal, tq, tk, path):
     """Causal self, bidirectional self and cross shapes; lengths not multiples of the tile (rows near the end)."""
@@ -47,21 +47,28 @@ def test_block_equals_eager(causal, tq, tk, path):
     assert out[:, :, -1].abs().max() == 0
 
 
+@pytest.mark.parametrize("pattern", ["random tiles", "diagonal only"])
 @pytest.mark.parametrize("length", [256, 300])
-def test_block_equals_eager_on_causal_tile_masks(length):
-    """The AP shape of a causal LM: whole kept tiles plus the causal diagonal. At 256 the diagonal runs as one causal
-    call over every query tile (no gathers; the other parts are merged into its output); at 300 the last diagonal tile
-    is cut by the sequence end and runs as a partial tile."""
+def test_block_equals_eager_on_causal_tile_masks(length, pattern):
+    """The AP shape of a causal LM: whole kept tiles plus the causal diagonal. Query tiles keeping only the diagonal
+    run with the kernel's causal flag (all of them: no gathers at all), the others with one bias shared by all rows
+    of the part; at 300 the last query tile is cut by the sequence end and gets a bias of its own."""
     g = torch.Generator().manual_seed(3)
     n = -(-length // 64)
-    tiles = (torch.rand(2, n, n, generator=g) > 0.5) | torch.eye(n, dtype=torch.bool)  # (H, Qb, Kb)
+    tiles = torch.eye(n, dtype=torch.bool).expand(4, n, n).clone()  # (H, Qb, Kb)
+    if pattern == "random tiles":
+        tiles |= torch.rand(4, n, n, generator=g) > 0.5
     mask = tiles.repeat_interleave(64, 1).repeat_interleave(64, 2)[:, :length, :length].clone()  # (H, L, L)
-    plan = block_plan(mask & torch.ones(length, length, dtype=torch.bool).tril(), 2)
-    causal_parts = [p for p in plan.parts if p.causal]
-    assert len(causal_parts) == 1 and causal_parts[0].all_q == (length == 256)
-    assert (length == 300) == any(p.bias is not None for p in plan.parts)
-    q, k, v = (torch.randn(2, 2, length, 16, generator=g, requires_grad=True) for _ in range(3))
+    plan = block_plan(mask & torch.ones(length, length, dtype=torch.bool).tril(), 4)
+    causal = [p for p in plan.parts if p.causal]
+    assert len(causal) == 1 and (causal[0].all_q and causal[0].all_k) == ((pattern, length) == ("diagonal only", 256))
+    shared = [p for p in plan.parts if p.bias is not None and p.bias.shape[1] == 1 < p.q_rows.numel()]
+    assert bool(shared) == (pattern == "random tiles")  # one bias for several query tiles
+    cut = [p for p in plan.parts if p.bias is not None and bool(torch.isinf(p.bias[..., -1, :]).all())]  # rows past L
+    assert bool(cut) == (length == 300)
+    q, k, v = (torch.randn(2, 4, length, 16, generator=g, requires_grad=True) for _ in range(3))
     check_against_eager(q, k, v, mask, True)
+    check_against_eager(q, k, v, mask, True, path="sdpa")
 
 
 def test_block_row_with_nothing_kept_in_one_of_its_tiles():
@@ -81,7 +88,8 @@ def test_block_plan_skips_empty_tiles_and_checks_shapes():
     keep = torch.zeros(2, 128, 128, dtype=torch.bool)
     keep[:, :64, :64] = True  # one kept tile of 4 per head
     plan = block_plan(keep, 2)
-    assert plan.kept_tile_fraction == 0.25 and len(plan.groups) == 1 and plan.groups[0][3] is None  # full tile
+    assert plan.kept_tile_fraction == 0.25 and len(plan.parts) == 1  # one full tile per head: no bias, no gather
+    assert plan.parts[0].bias is None and not plan.parts[0].causal and plan.parts[0].n == 1
     q = torch.randn(1, 2, 100, 8)
     with pytest.raises(MaskError, match="BlockPlan"):
         attention(q, q, q, mask=plan, backend="block")

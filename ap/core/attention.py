@@ -11,12 +11,12 @@ registered by name (like HF transformers' ``AttentionInterface``):
   the mask empties at least ``AUTO_SPARSE_MIN_EMPTY`` of the valid tiles of a window of ``AUTO_SPARSE_MIN_LEN`` keys or
   more (where ``scripts/benchmark.py`` measured them ahead), ``block`` on CPU (training and inference) and ``flex`` on
   GPU (``block`` with attention dropout); else ``sdpa``.
-- ``block``: block-sparse attention from fused kernels, planned once per mask (``BlockPlan``). On CPU without dropout
-  (the merged path): each query tile's kept key tiles are split into full tiles, the causal diagonal tile and partial
-  tiles; each kind is one flash-attention call per group of query tiles with the same tile count, and the parts are
-  merged exactly by their log-sum-exp; the backward runs the kernel's flash backward per part with the merged output and
-  log-sum-exp. Otherwise (GPU, attention dropout; the gathered path): one SDPA call per group with all kept tiles and
-  the element mask. Forward and backward everywhere; the fastest CPU path for block masks.
+- ``block``: block-sparse attention from fused kernels, planned once per mask (``BlockPlan``): query tiles are grouped
+  by their number of kept key tiles (and mask pattern); per group one fused call on the gathered kept tiles, so every
+  query row's softmax is computed in one call and pruned tiles never are. On CPU without dropout (the flash path) the
+  calls are PyTorch's CPU flash-attention kernel, with a backward that runs the kernel's flash backward per group (it
+  saves what dense flash attention saves); otherwise (GPU, attention dropout) SDPA with autograd. Forward and backward
+  everywhere; the fastest CPU path for block masks.
 - ``flex``: FlexAttention (compiled once per shape with ``dynamic=False``) with a ``BlockMask`` built from the
   bool mask and cached, so tiles with no kept entry are skipped and kept tiles apply the exact element mask. Forward
   on CPU and GPU; backward only on GPU (torch 2.13 has no CPU backward: asking for it raises). No attention dropout.
@@ -171,47 +171,36 @@ _NEG_INF = float("-inf")
 
 @dataclass
 class BlockPart:
-    """One fused flash-attention call of the merged block path: ``c`` (head, query tile) pairs with ``n`` key tiles each.
-
-    The calls of a plan split every query row's kept keys into disjoint parts: full tiles (no mask), the causal diagonal
-    tile (the kernel's own causal mask) and partial tiles (an additive bias); per-part outputs are merged exactly by their
-    log-sum-exp.
-    """
+    """One fused attention call of the block backend: ``c`` (head, query tile) pairs, each with all its ``n`` kept key
+    tiles gathered (ascending), so every query row's softmax lives in exactly one call."""
 
     q_rows: Tensor  # (c,) head * Qb + query tile: rows of the (B, H*Qb, bs, D) tiled queries
     k_flat: Tensor  # (c*n*bs,) head * Kp + key position: rows of the (B, H*Kp, D) keys gathered for the call
     n: int  # key tiles per query tile
-    causal: bool  # n == 1 and each tile is the lower triangle: is_causal, no bias
-    bias: Optional[Tensor] = None  # (1, c, bs, n*bs) float 0 / -inf; None = every gathered entry is kept
-    dead: Optional[Tensor] = None  # (c, bs) rows with no kept entry in this part; None = none
+    causal: bool = False  # n == 1 and each tile is the lower triangle: the kernel's causal mask, no bias
+    bias: Optional[Tensor] = None  # (1, 1|c, bs, n*bs) float 0 / -inf (1: one pattern for all rows); None = all kept
     all_q: bool = False  # q_rows is every query tile in order: no query gather
     all_k: bool = False  # k_flat is every key position in order: no key/value gather
 
 
 @dataclass
 class BlockPlan:
-    """Where the kept tiles of a fixed keep-mask are, grouped for fused calls.
-
-    ``parts`` drive the merged path (CPU, no dropout: full / causal-diagonal / partial tiles as separate flash calls
-    merged by log-sum-exp). ``groups`` drive the gathered path (GPU or attention dropout): every (head, query tile)
-    with ``n`` kept key tiles joins group ``n``; a group holds its heads ``(c,)``, query positions ``(c, bs)``, gathered
-    key positions ``(c, n*bs)`` and the element mask on them ``(c, bs, n*bs)`` (None when all gathered entries are
-    kept). Query tiles with no kept key are in no group or part (their output is 0).
-    """
+    """Where the kept tiles of a fixed keep-mask are, as ``parts`` (one fused call each). Query tiles are grouped by
+    their number of kept key tiles and, within a group, by mask pattern: all kept (no bias), kept tiles ending in the
+    causal diagonal (one shared bias; alone: the kernel's causal flag) or anything else (a bias per row). Query tiles
+    with no kept key are in no part (their output is 0)."""
 
     tq: int
     tk: int
     bs: int
     n_heads: int
-    groups: list[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]
-    rows: Tensor  # (R,) flat (head * Tq_padded + query) positions written by the groups, in group order
     parts: list[BlockPart]
-    part_rows: Tensor  # (P,) q_rows of all parts, in part order
+    uncovered: Tensor  # (U,) query-tile rows in no part
 
     @property
     def kept_tile_fraction(self) -> float:
         total = self.n_heads * -(-self.tq // self.bs) * -(-self.tk // self.bs)
-        return sum(int(g[2].numel()) // self.bs for g in self.groups) / max(1, total)  # k_idx: (c, n*bs)
+        return sum(p.q_rows.numel() * p.n for p in self.parts) / max(1, total)
 
 
 def _grouped(tiles: Tensor) -> list[tuple[int, Tensor, Tensor, Tensor]]:
@@ -229,43 +218,34 @@ def block_plan(keep: Tensor, n_heads: int, bs: int = BLOCK_TILE) -> BlockPlan:
     """The ``BlockPlan`` of a bool ``keep`` ``(H|1, Tq, Tk)`` (causality folded in) for ``n_heads`` heads."""
     _, tq, tk = keep.shape
     qb, kb = -(-tq // bs), -(-tk // bs)
-    qp, kp = qb * bs, kb * bs
-    keep = F.pad(keep.expand(n_heads, tq, tk), (0, kp - tk, 0, qp - tq))  # (H, Qp, Kp), padding never kept
-    t = keep.view(n_heads, qb, bs, kb, bs)
-    kept = t.any(dim=4).any(dim=2)  # (H, Qb, Kb) tiles with a kept entry
+    kp = kb * bs
+    keep = F.pad(keep.expand(n_heads, tq, tk), (0, kp - tk, 0, qb * bs - tq))  # (H, Qp, Kp), padding never kept
+    kept = keep.view(n_heads, qb, bs, kb, bs).any(dim=4).any(dim=2)  # (H, Qb, Kb) tiles with a kept entry
     ar = torch.arange(bs, device=keep.device)
-
-    groups, rows = [], []
+    tril = torch.ones(bs, bs, dtype=torch.bool, device=keep.device).tril()
+    parts, covered = [], torch.zeros(n_heads * qb, dtype=torch.bool, device=keep.device)
     for n, heads, qt, kt in _grouped(kept):
         k_idx = (kt[..., None] * bs + ar).flatten(1)  # (c, n*bs)
-        q_idx = qt[:, None] * bs + ar  # (c, bs)
-        m = keep[heads[:, None, None], q_idx[:, :, None], k_idx[:, None, :]]  # (c, bs, n*bs)
-        groups.append((heads, q_idx, k_idx, None if bool(m.all()) else m))
-        rows.append((heads[:, None] * qp + q_idx).flatten())
-
-    full = t.all(dim=4).all(dim=2)  # (H, Qb, Kb) tiles kept entirely
-    causal = torch.zeros_like(kept)
-    if qb == kb:  # diagonal tiles that are exactly the lower triangle run with the kernel's causal mask
-        diag = t.diagonal(dim1=1, dim2=3)  # (H, bs, bs, Qb)
-        tril = torch.ones(bs, bs, dtype=torch.bool, device=keep.device).tril()
-        causal.diagonal(dim1=1, dim2=2).copy_((diag == tril[..., None]).all(1).all(1))  # (H, Qb)
-    partial = kept & ~full & ~causal
-    parts = []
-    for tiles, kind in ((full, "full"), (causal, "causal"), (partial, "partial")):
-        for n, heads, qt, kt in _grouped(tiles):
-            k_idx = (kt[..., None] * bs + ar).flatten(1)  # (c, n*bs)
-            part = BlockPart(heads * qb + qt, (heads[:, None] * kp + k_idx).flatten(), n, kind == "causal")
-            part.all_q = part.q_rows.numel() == n_heads * qb and bool((part.q_rows.diff() == 1).all())
+        m = keep[heads[:, None, None], (qt[:, None] * bs + ar)[:, :, None], k_idx[:, None, :]]  # (c, bs, n*bs)
+        causal_last = torch.ones(bs, n * bs, dtype=torch.bool, device=keep.device)
+        causal_last[:, -bs:] = tril  # full tiles, then the causal diagonal
+        full = m.flatten(1).all(1)  # (c,)
+        diag = (m == causal_last).flatten(1).all(1) & (kt[:, -1] == qt) & ~full  # (c,)
+        for rows, kind in ((full, "full"), (diag, "diag"), (~full & ~diag, "other")):
+            if not bool(rows.any()):
+                continue
+            q_rows, k_sel = heads[rows] * qb + qt[rows], k_idx[rows]  # (c',), (c', n*bs)
+            part = BlockPart(q_rows, (heads[rows][:, None] * kp + k_sel).flatten(), n)
+            if kind == "diag" and n == 1:
+                part.causal = True
+            elif kind != "full":
+                pattern = causal_last[None] if kind == "diag" else m[rows]  # (1|c', bs, n*bs)
+                part.bias = torch.zeros(pattern.shape, device=keep.device).masked_fill(~pattern, _NEG_INF)[None]
+            part.all_q = q_rows.numel() == n_heads * qb and bool((q_rows.diff() == 1).all())
             part.all_k = part.k_flat.numel() == n_heads * kp and bool((part.k_flat.diff() == 1).all())
-            if kind == "partial":
-                m = keep[heads[:, None, None], (qt[:, None] * bs + ar)[:, :, None], k_idx[:, None, :]]  # (c, bs, n*bs)
-                part.bias = torch.zeros(m.shape, device=keep.device).masked_fill(~m, _NEG_INF)[None]
-                dead = ~m.any(-1)  # (c, bs)
-                part.dead = dead if bool(dead.any()) else None
             parts.append(part)
-    empty = torch.zeros(0, dtype=torch.long, device=keep.device)
-    return BlockPlan(tq, tk, bs, n_heads, groups, torch.cat(rows) if rows else empty,
-                     parts, torch.cat([p.q_rows for p in parts]) if parts else empty)
+            covered[q_rows] = True
+    return BlockPlan(tq, tk, bs, n_heads, parts, (~covered).nonzero()[:, 0])
 
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -283,82 +263,68 @@ def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     return bufs[key][:n].view(shape)
 
 
-def _tiles(x: Tensor, name: str, bs: int) -> Tensor:
-    """``x (B, H, T, D)`` → contiguous ``(B, H*ceil(T/bs), bs, D)``, zero rows past ``T`` (a view when possible)."""
+def _tiles(x: Tensor, bs: int, name: Optional[str] = None) -> Tensor:
+    """``x (B, H, T, D)`` → contiguous ``(B, H*ceil(T/bs), bs, D)``, zero rows past ``T``: a view when possible, else
+    a copy into scratch buffer ``name`` (or new memory when None)."""
     b, h, t, d = x.shape
     tp = -(-t // bs) * bs
     if t == tp and x.is_contiguous():
         return x.view(b, h * tp // bs, bs, d)
+    if name is None:
+        return F.pad(x, (0, 0, 0, tp - t)).reshape(b, h * tp // bs, bs, d)
     out = _scratch(name, (b, h, tp, d), x)
     out[:, :, :t].copy_(x)
     out[:, :, t:].zero_()
     return out.view(b, h * tp // bs, bs, d)
 
 
-def _gather(x: Tensor, index: Tensor, name: str) -> Tensor:
-    """``x.index_select(1, index)`` into a scratch buffer."""
-    return torch.index_select(x, 1, index, out=_scratch(name, (x.shape[0], index.numel(), *x.shape[2:]), x))
-
-
-def _part_inputs(part: BlockPart, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _part_inputs(part: BlockPart, q_t: Tensor, k_t: Tensor, v_t: Tensor, scratch: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gathered ``q (B, c, bs, D)``, ``k, v (B, c, n*bs, D)`` of a part from tiled ``q_t (B, H*Qb, bs, D)`` and
-    ``k_t, v_t (B, H*Kb, bs, D)``."""
+    ``k_t, v_t (B, H*Kb, bs, D)`` (into scratch buffers when ``scratch``: only where nothing keeps them)."""
     b, _, bs, d = q_t.shape
     c = part.q_rows.numel()
-    qg = q_t if part.all_q else _gather(q_t, part.q_rows, "qg")
+
+    def gather(x: Tensor, index: Tensor, name: str) -> Tensor:
+        if not scratch:
+            return x.index_select(1, index)
+        return torch.index_select(x, 1, index, out=_scratch(name, (b, index.numel(), *x.shape[2:]), x))
+
+    qg = q_t if part.all_q else gather(q_t, part.q_rows, "qg")
     k_f, v_f = k_t.view(b, -1, d), v_t.view(b, -1, d)  # (B, H*Kp, D)
     if not part.all_k:
-        k_f, v_f = _gather(k_f, part.k_flat, "kg"), _gather(v_f, part.k_flat, "vg")
+        k_f, v_f = gather(k_f, part.k_flat, "kg"), gather(v_f, part.k_flat, "vg")
     return qg, k_f.view(b, c, part.n * bs, d), v_f.view(b, c, part.n * bs, d)
 
 
-def _merged_forward(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float) -> tuple[Tensor, Tensor]:
-    """Padded ``out (B, H, Qp, D)`` and ``logsumexp (B, H, Qp)`` (-inf for rows with no kept key) of the merged path."""
-    b, h, tq, d = q.shape
-    bs, rows = plan.bs, h * -(-tq // plan.bs)
-    q_t, k_t, v_t = _tiles(q, "q", bs), _tiles(k, "k", bs), _tiles(v, "v", bs)  # (B, H*Qb|H*Kb, bs, D)
-    outs, lses = [], []
+def _bias(part: BlockPart, like: Tensor) -> Optional[Tensor]:
+    return None if part.bias is None else part.bias.to(device=like.device, dtype=like.dtype)
+
+
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float) -> tuple[Tensor, Tensor]:
+    """The CPU flash path: ``out (B, H*Qb, bs, D)`` and ``logsumexp (B, H*Qb, bs)`` (0 where nothing is kept)."""
+    b, _, _, d = q.shape
+    q_t, k_t, v_t = _tiles(q, plan.bs, "q"), _tiles(k, plan.bs, "k"), _tiles(v, plan.bs, "v")
+    out, lse = q.new_empty(q_t.shape), q.new_empty(q_t.shape[:3], dtype=torch.float32)
+    out.index_fill_(1, plan.uncovered, 0.0), lse.index_fill_(1, plan.uncovered, 0.0)
     for part in plan.parts:
-        qg, kg, vg = _part_inputs(part, q_t, k_t, v_t)
-        bias = None if part.bias is None else part.bias.to(q.dtype)
-        o, lse = _flash_cpu(qg, kg, vg, 0.0, part.causal, attn_mask=bias, scale=scale)  # (B, c, bs, D), (B, c, bs)
-        if part.dead is not None:
-            lse = lse.masked_fill(part.dead, _NEG_INF)  # the kernel reports 0 for rows with nothing kept
-        outs.append(o)
-        lses.append(lse)
-    # the row's log-sum-exp over all its parts, then each part's output weighted by its share of the softmax
-    top = q.new_full((b, rows, bs), _NEG_INF, dtype=torch.float32)  # (B, H*Qb, bs) largest part log-sum-exp
-    for part, lse in zip(plan.parts, lses):
-        top.index_copy_(1, part.q_rows, torch.maximum(top.index_select(1, part.q_rows), lse))
-    top.masked_fill_(top == _NEG_INF, 0.0)
-    den = torch.zeros_like(top)
-    for part, lse in zip(plan.parts, lses):
-        den.index_add_(1, part.q_rows, (lse - top.index_select(1, part.q_rows)).exp())
-    lse_all = top + den.log()  # (B, H*Qb, bs); -inf: no kept key
-    ref = lse_all.masked_fill(den == 0, 0.0)
-    # accumulate into the output of a part that covers every query tile (the causal diagonal), else into zeros
-    weight = lambda i: (lses[i] - ref.index_select(1, plan.parts[i].q_rows)).exp()[..., None]  # noqa: E731  (B, c, bs, 1)
-    base = next((i for i, p in enumerate(plan.parts) if p.all_q), None)
-    if base is None:
-        out = q.new_zeros(b, rows, bs, d, dtype=torch.float32)  # (B, H*Qb, bs, D): rows with nothing kept stay 0
-    else:
-        out = outs[base].float().mul_(weight(base))
-    for i, (part, o) in enumerate(zip(plan.parts, outs)):
-        if i != base:
-            out.index_add_(1, part.q_rows, o.float().mul_(weight(i)))
-    return out.to(q.dtype).view(b, h, -1, d), lse_all.view(b, h, -1)
+        qg, kg, vg = _part_inputs(part, q_t, k_t, v_t, scratch=True)
+        o, l = _flash_cpu(qg, kg, vg, 0.0, part.causal, attn_mask=_bias(part, q), scale=scale)  # (B,c,bs,D), (B,c,bs)
+        out.index_copy_(1, part.q_rows, o)
+        lse.index_copy_(1, part.q_rows, l)
+    return out, lse
 
 
-class _MergedBlockAttention(torch.autograd.Function):
-    """The merged path with a backward made of the kernel's own flash backward per part: with the merged output and
-    log-sum-exp, each part's backward gives exactly its tiles' share of the gradients."""
+class _FlashBlockAttention(torch.autograd.Function):
+    """The CPU flash path with its backward: the kernel's own flash backward per part, on the part's gathered tiles
+    (saves only q, k, v, the output and its log-sum-exp, like dense flash attention)."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float) -> Tensor:
-        out, lse = _merged_forward(q, k, v, plan, scale)
+        out, lse = _flash_forward(q, k, v, plan, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
-        return out[:, :, : q.shape[2]].clone()  # (B, H, Tq, D)
+        b, h, tq, d = q.shape
+        return out.view(b, h, -1, d)[:, :, :tq].clone()  # (B, H, Tq, D)
 
     @staticmethod
     @once_differentiable
@@ -366,17 +332,14 @@ class _MergedBlockAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         plan, bs = ctx.plan, ctx.plan.bs
         b, h, tq, d = q.shape
-        q_t, k_t, v_t, g_t = _tiles(q, "q", bs), _tiles(k, "k", bs), _tiles(v, "v", bs), _tiles(grad, "g", bs)
-        o_t = out.view(b, -1, bs, d)  # (B, H*Qb, bs, D)
-        lse_t = lse.masked_fill(lse == _NEG_INF, float("inf")).view(b, -1, bs)  # nothing kept: zero weights
+        q_t, k_t, v_t, g_t = (_tiles(x, bs, name) for x, name in ((q, "q"), (k, "k"), (v, "v"), (grad, "g")))
         dq, dk, dv = torch.zeros_like(q_t), torch.zeros_like(k_t).view(b, -1, d), torch.zeros_like(v_t).view(b, -1, d)
         for part in plan.parts:
-            qg, kg, vg = _part_inputs(part, q_t, k_t, v_t)
+            qg, kg, vg = _part_inputs(part, q_t, k_t, v_t, scratch=True)
             sel = (lambda x: x) if part.all_q else (lambda x: x.index_select(1, part.q_rows))  # noqa: E731
-            bias = None if part.bias is None else part.bias.to(q.dtype)
-            gq, gk, gv = _flash_cpu_backward(sel(g_t), qg, kg, vg, sel(o_t), sel(lse_t), 0.0, part.causal,
-                                             attn_mask=bias, scale=ctx.scale)  # (B, c, bs|n*bs, D)
-            dq.index_add_(1, part.q_rows, gq)
+            gq, gk, gv = _flash_cpu_backward(sel(g_t), qg, kg, vg, sel(out), sel(lse), 0.0, part.causal,
+                                             attn_mask=_bias(part, q), scale=ctx.scale)  # (B, c, bs|n*bs, D)
+            dq.index_copy_(1, part.q_rows, gq)
             dk.index_add_(1, part.k_flat, gk.flatten(1, 2))
             dv.index_add_(1, part.k_flat, gv.flatten(1, 2))
         tk = k.shape[2]
@@ -384,16 +347,29 @@ class _MergedBlockAttention(torch.autograd.Function):
                 None, None)
 
 
+def _sdpa_block(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, dropout_p: float, scale: float) -> Tensor:
+    """The SDPA path (any device, dropout; autograd through SDPA): ``(B, H, Tq, D)``."""
+    b, h, tq, d = q.shape
+    q_t, k_t, v_t = _tiles(q, plan.bs), _tiles(k, plan.bs), _tiles(v, plan.bs)
+    outs = [F.scaled_dot_product_attention(*_part_inputs(part, q_t, k_t, v_t, scratch=False), attn_mask=_bias(part, q),
+                                           dropout_p=dropout_p, is_causal=part.causal, scale=scale)
+            for part in plan.parts]  # (B, c, bs, D) each
+    out = q.new_zeros(q_t.shape)  # (B, H*Qb, bs, D): rows in no part stay 0
+    if outs:
+        out = out.index_copy(1, torch.cat([p.q_rows for p in plan.parts]), torch.cat(outs, dim=1))
+    return out.view(b, h, -1, d)[:, :, :tq]
+
+
 @register_backend("block")
 def block_backend(
     q: Tensor, k: Tensor, v: Tensor, mask: Any, is_causal: bool, dropout_p: float, scale: float, need_probs: bool,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """Block-sparse attention from fused kernels; pruned tiles are never computed.
+    """Block-sparse attention from fused kernels: per ``BlockPart`` of a ``BlockPlan`` one attention call on the
+    gathered kept tiles; pruned tiles are never computed.
 
-    On CPU without dropout (the merged path): per ``BlockPart`` one flash-attention call (forward and backward) on
-    the gathered tiles, merged by log-sum-exp. Otherwise (GPU, or attention dropout; the gathered path): per group of a
-    ``BlockPlan``, gather all kept key/value tiles of its query tiles and call SDPA with the element mask.
-    ``mask``: a prepared ``BlockPlan`` (callers cache it per position window) or a bool keep-mask (planned per call).
+    On CPU without dropout (the flash path) the calls are PyTorch's CPU flash-attention kernel with a backward of its
+    own; otherwise (GPU, attention dropout) SDPA with autograd. ``mask``: a prepared ``BlockPlan`` (callers cache it
+    per position window) or a bool keep-mask (planned per call).
     """
     b, h, tq, d = q.shape
     if isinstance(mask, BlockPlan):
@@ -417,28 +393,9 @@ def block_backend(
         raise MaskError(f"BlockPlan for {plan.n_heads} heads x {plan.tq} x {plan.tk} used on {h} x {tq} x {k.shape[-2]}")
     if q.device.type == "cpu" and dropout_p == 0:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _MergedBlockAttention.apply(q, k, v, plan, scale), None
-        return _merged_forward(q, k, v, plan, scale)[0][:, :, :tq], None
-    return _gathered_block(q, k, v, plan, dropout_p, scale), None
-
-
-def _gathered_block(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, dropout_p: float, scale: float) -> Tensor:
-    """The gathered path of the block backend (any device, dropout): ``(B, H, Tq, D)``."""
-    b, h, tq, d = q.shape
-    qp = -(-tq // plan.bs) * plan.bs
-    kp = -(-plan.tk // plan.bs) * plan.bs
-    q_ = F.pad(q, (0, 0, 0, qp - tq))  # (B, H, Qp, D)
-    k_, v_ = F.pad(k, (0, 0, 0, kp - plan.tk)), F.pad(v, (0, 0, 0, kp - plan.tk))  # (B, H, Kp, D)
-    outs = []
-    for heads, q_idx, k_idx, m in plan.groups:
-        hq = heads[:, None]  # (c, 1)
-        og = F.scaled_dot_product_attention(q_[:, hq, q_idx], k_[:, hq, k_idx], v_[:, hq, k_idx], attn_mask=m,
-                                            dropout_p=dropout_p, scale=scale)  # (B, c, bs, D)
-        outs.append(og.flatten(1, 2))  # (B, c*bs, D)
-    out = q.new_zeros(b, h * qp, d)  # (B, H*Qp, D): rows in no group stay 0
-    if outs:
-        out = out.index_copy(1, plan.rows, torch.cat(outs, dim=1))
-    return out.view(b, h, qp, d)[:, :, :tq]
+            return _FlashBlockAttention.apply(q, k, v, plan, scale), None
+        return _flash_forward(q, k, v, plan, scale)[0].view(b, h, -1, d)[:, :, :tq], None
+    return _sdpa_block(q, k, v, plan, dropout_p, scale), None
 
 
 def attention(
