@@ -5,7 +5,7 @@
     python scripts/benchmark.py --lengths 2048 4096 --sparsity 0.9 --device cuda --backward
 
 Masks are causal tile masks (``--tile`` = the flex tile): the diagonal tiles are kept, a random ``sparsity`` share of
-the other valid tiles is emptied. Every ratio is ``dense causal SDPA time / backend time`` measured in the same run
+the other valid tiles is emptied. Attention inputs are strided views of one fused QKV tensor, as models pass them. Every ratio is ``dense causal SDPA time / backend time`` measured in the same run
 (> 1 = faster than dense); ``ideal`` = valid tiles / kept tiles. Memory (``MB``): on CUDA the peak allocated during
 one call above what was allocated before it; on CPU (no allocator statistics) the tensors a training step saves for
 backward (the activation memory that grows with attention work), for forward+backward rows only.
@@ -88,7 +88,9 @@ def attention_rows(args: argparse.Namespace) -> list[dict]:
     rows = []
     for length in args.lengths:
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(args.batch, args.heads, length, args.dim, generator=g).to(args.device) for _ in range(3))
+        # as a fused QKV projection hands them to attention: (B, H, L, D) views of one (B, L, 3, H, D) tensor
+        qkv = torch.randn(args.batch, length, 3, args.heads, args.dim, generator=g).to(args.device)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D), strided
         dense_fn = lambda: attention(q, k, v, is_causal=True, backend="sdpa")  # noqa: E731
         dense = timed(dense_fn, args.repeats, args.device)
         rows.append({"what": "attention fwd", "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
@@ -110,15 +112,15 @@ def attention_rows(args: argparse.Namespace) -> list[dict]:
                 rows.append({"what": "attention fwd", "length": length, "sparsity": sparsity, "backend": name,
                              "seconds": s, "ratio": dense / s, "ideal": 1 / kept, "mb": mb})
         if args.backward:
-            rows += backward_rows(args, length, q, k, v)
+            rows += backward_rows(args, length, qkv)
     return rows
 
 
-def backward_rows(args: argparse.Namespace, length: int, q, k, v) -> list[dict]:
-    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+def backward_rows(args: argparse.Namespace, length: int, qkv: torch.Tensor) -> list[dict]:
+    qkv = qkv.clone().requires_grad_()  # (B, L, 3, H, D): gradients flow into the fused tensor, as in a model
 
     def step(**kw) -> Callable[[], None]:
-        return lambda: attention(q, k, v, **kw)[0].sum().backward()
+        return lambda: attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), **kw)[0].sum().backward()
 
     dense = timed(step(is_causal=True, backend="sdpa"), args.repeats, args.device)
     rows = [{"what": "attention fwd+bwd", "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
