@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Attention speed: dense causal SDPA vs masked backends at block sparsity, plus whole-LM inference.
+"""Attention speed: dense causal SDPA vs masked backends at block sparsity, plus the whole LM.
 
     python scripts/benchmark.py                                  # CPU, L = 1024 2048, sparsity 0.5 0.9
     python scripts/benchmark.py --lengths 2048 4096 --sparsity 0.9 --device cuda --backward
+    python scripts/benchmark.py --lengths --masks outputs/lm/ap90/masks.pt   # an LM run's own masks, whole model
 
 Masks are causal tile masks (``--tile`` = the flex tile): the diagonal tiles are kept, a random ``sparsity`` share of
-the other valid tiles is emptied. Attention inputs are strided views of one fused QKV tensor, as models pass them. Every ratio is ``dense causal SDPA time / backend time`` measured in the same run
-(> 1 = faster than dense); ``ideal`` = valid tiles / kept tiles. Memory (``MB``): on CUDA the peak allocated during
-one call above what was allocated before it; on CPU (no allocator statistics) the tensors a training step saves for
-backward (the activation memory that grows with attention work), for forward+backward rows only.
-Results: a table on stdout, CSV and PNG in ``--out``.
+the other valid tiles is emptied (``--masks``: a run's masks instead, for the whole-LM rows). Attention inputs are
+strided views of one fused QKV tensor, as models pass them. Every ratio is ``dense causal SDPA time / backend time``
+measured in the same run (> 1 = faster than dense); ``ideal`` = valid tiles / kept tiles. Memory (``MB``): on CUDA the
+peak allocated during one call above what was allocated before it; on CPU (no allocator statistics) the tensors a
+training step saves for backward (the activation memory that grows with attention work), for forward+backward rows
+only. Results: a table on stdout, CSV and PNG in ``--out``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ap.core import attention  # noqa: E402
-from ap.core.attention import FLEX_BLOCK_SIZE, block_plan, flex_block_mask  # noqa: E402
+from ap.core import APError, MaskSet, find_sites  # noqa: E402
+from ap.core.attention import FLEX_BLOCK_SIZE, block_plan, empty_tiles, flex_block_mask  # noqa: E402
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig  # noqa: E402
 
 
@@ -140,23 +143,58 @@ def backward_rows(args: argparse.Namespace, length: int, qkv: torch.Tensor) -> l
     return rows
 
 
-def lm_rows(args: argparse.Namespace) -> list[dict]:
-    """The demo-size LM (d 128, 4 layers, 4 heads, 8k vocabulary) at ``--lm-length``, same weights: inference (block
-    and flex; also the stack without the output layer) and a training step (forward + backward, block) against dense
-    causal SDPA."""
-    length = args.lm_length
+def lm_cases(args: argparse.Namespace, model: TransformerLM) -> list[tuple[float, dict[str, torch.Tensor], float]]:
+    """``(sparsity, site -> mask, kept tile fraction)`` to time: random causal tile masks per ``--sparsity``, or the
+    masks of ``--masks`` (sparsity = the share of valid entries they prune, as the run reported it)."""
+    sites = find_sites(model)
+    if args.masks is None:
+        cases = []
+        for sparsity in args.sparsity:
+            mask, kept = tile_mask(model.cfg.block_len, model.cfg.n_heads, sparsity, args.tile)
+            cases.append((sparsity, {name: mask for name in sites}, kept))
+        return cases
+    masks = args.masks.masks
+    valid = torch.ones(model.cfg.block_len, model.cfg.block_len, dtype=torch.bool).tril()
+    counts = [empty_tiles(m, valid.expand_as(m), args.tile) for m in masks.values()]  # (empty, valid) tiles per site
+    kept = 1 - sum(e for e, _ in counts) / sum(t for _, t in counts)
+    return [(float(args.masks.meta["achieved"]["overall"]), masks, kept)]
+
+
+def lm_model(args: argparse.Namespace) -> TransformerLM:
+    """The demo-size LM (d 128, 4 layers, 4 heads, 8k vocabulary) at ``--lm-length``, or shaped like the model of
+    ``--masks`` (its layers, heads and length; d 128; random weights: only the time is measured)."""
+    cfg = TransformerLMConfig(vocab_size=8000, block_len=args.lm_length, dropout=0.0)
+    if args.masks is not None:
+        meta = args.masks.meta["model"]
+        if meta.get("class") != f"{TransformerLM.__module__}.{TransformerLM.__name__}":
+            raise SystemExit(f"--masks: the whole-LM benchmark times {TransformerLM.__name__} masks; "
+                             f"{args.masks_path} was made for {meta.get('class')}")
+        _, heads, max_q, _ = next(iter(meta["sites"].values()))
+        cfg = TransformerLMConfig(vocab_size=8000, block_len=max_q, n_layers=len(meta["sites"]), n_heads=heads,
+                                  dropout=0.0)
     torch.manual_seed(0)
-    model = TransformerLM(TransformerLMConfig(vocab_size=8000, block_len=length, dropout=0.0)).to(args.device).eval()
+    model = TransformerLM(cfg)
+    if args.masks is not None:
+        args.masks.validate(model)  # raises naming the difference
+    return model
+
+
+def lm_rows(args: argparse.Namespace) -> list[dict]:
+    """The whole LM (``lm_model``), same weights: inference (block and flex; also the stack without the output layer)
+    and a training step (forward + backward, block; flex too on CUDA) against dense causal SDPA."""
+    model = lm_model(args).to(args.device).eval()
+    length = model.cfg.block_len
     x = torch.randint(0, 8000, (args.batch, length), device=args.device)
+    sites = find_sites(model)
     rows = []
 
     def train_step() -> None:
         model(x, x)[1].backward()
 
-    def use(mask: torch.Tensor | None, backend: str) -> None:
-        for block in model.blocks:
-            block.attn.site.set_mask(mask)
-            block.attn.site.backend = backend
+    def use(masks: dict[str, torch.Tensor] | None, backend: str) -> None:
+        for name, site in sites.items():
+            site.set_mask(None if masks is None else masks[name].to(args.device))
+            site.backend = backend
 
     def body() -> torch.Tensor:  # the Transformer stack without the output layer (which masks do not touch)
         h = model.tok_emb(x) + model.pos_emb(torch.arange(length, device=args.device))
@@ -164,20 +202,19 @@ def lm_rows(args: argparse.Namespace) -> list[dict]:
             h = block(h)
         return model.ln_f(h)
 
+    train_backends = ["block", "flex"] if args.device == "cuda" else ["block"]  # flex: no CPU backward (torch 2.13)
     runs = [("LM inference", lambda: model(x), ["block", "flex"]), ("LM body inference", body, ["block"]),
-            ("LM train step", train_step, ["block"])]
-    if args.device == "cuda":
-        runs[1][2].append("flex")
+            ("LM train step", train_step, train_backends)]
+    cases = lm_cases(args, model)
     for what, fn, sparse_backends in runs:
         training = what == "LM train step"
         with torch.set_grad_enabled(training):
             dense = timed(fn, args.repeats, args.device)
             rows.append({"what": what, "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
                          "seconds": dense, "ratio": 1.0, "ideal": 1.0, "mb": memory_mb(fn, args.device, training)})
-            for sparsity in args.sparsity:
-                mask, kept = tile_mask(length, model.cfg.n_heads, sparsity, args.tile)
+            for sparsity, masks, kept in cases:
                 for sparse_backend in sparse_backends:
-                    use(mask.to(args.device), sparse_backend)
+                    use(masks, sparse_backend)
                     s = timed(fn, args.repeats, args.device)
                     rows.append({"what": what, "length": length, "sparsity": sparsity, "backend": sparse_backend,
                                  "seconds": s, "ratio": dense / s, "ideal": 1 / kept,
@@ -197,13 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--lm-length", type=int, default=2048, help="0 skips the whole-LM benchmark")
+    parser.add_argument("--masks", type=Path, default=None,
+                        help="time the whole LM with this run's masks.pt (LM runs) instead of random tile masks")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
     args = parser.parse_args(argv)
+    args.masks_path, args.masks = args.masks, None
+    if args.masks_path is not None:
+        try:
+            args.masks = MaskSet.load(args.masks_path)
+        except APError as e:
+            raise SystemExit(f"--masks: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = attention_rows(args) + (lm_rows(args) if args.lm_length else [])
+    rows = attention_rows(args) + (lm_rows(args) if args.lm_length or args.masks is not None else [])
 
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"B{args.batch} H{args.heads} D{args.dim}, tile {args.tile}; ratio = dense causal SDPA time / time")

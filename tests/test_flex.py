@@ -104,3 +104,38 @@ def test_auto_backend_runs_block_at_inference_on_cpu_and_matches_eager():
         assert [key[0] for key in site._block_masks] == ["plan"]
         site.backend = "eager"
         torch.testing.assert_close(out, site(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_script_times_a_runs_own_masks(tmp_path):
+    """--masks: the whole LM shaped like the masks' model, timed with those masks; a mask file of another model fails
+    with a one-line error naming it."""
+    import csv
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from ap.core import MaskSet, model_signature
+    from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
+
+    model = TransformerLM(TransformerLMConfig(vocab_size=50, block_len=128, n_layers=2, n_heads=2))
+    g = torch.Generator().manual_seed(0)
+    masks = {name: (torch.rand(2, 128, 128, generator=g) > 0.7).tril() for name in model_signature(model)["sites"]}
+    meta = {"model": model_signature(model), "sparsity": 0.7, "scope": "layer", "policy": "ap", "calibration": {},
+            "achieved": {"overall": 0.7}, "block_size": 0, "created": "now", "config": {}}
+    MaskSet(masks, meta).save(tmp_path / "masks.pt")
+    cmd = [sys.executable, str(ROOT / "scripts/benchmark.py"), "--lengths", "--batch", "1", "--repeats", "1",
+           "--masks", str(tmp_path / "masks.pt"), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "benchmark.csv")))
+    assert {(r["what"], r["length"]) for r in rows} == {(w, "128") for w in ("LM inference", "LM body inference",
+                                                                              "LM train step")}
+    assert {r["sparsity"] for r in rows if r["backend"] == "block"} == {"0.7"}
+
+    meta["model"] = dict(meta["model"], **{"class": "fairseq.models.transformer.TransformerModel"})
+    MaskSet(masks, meta).save(tmp_path / "other.pt")
+    proc = subprocess.run(cmd[:-3] + [str(tmp_path / "other.pt"), "--out", str(tmp_path / "o2")], capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and "fairseq.models.transformer.TransformerModel" in proc.stderr
+    assert not (tmp_path / "o2").exists()
