@@ -131,3 +131,21 @@ def test_lm_trains_with_the_block_backend():
     for block in model.blocks:
         block.attn.site.backend, block.attn.dropout = "block", 0.1
     model.train()(x, x)[1].backward()  # attention dropout inside the fused calls
+
+
+def test_plan_and_buffers_made_in_inference_mode_train_afterwards():
+    """Lightning validates under torch.inference_mode before and between training: the plan a site caches there and
+    the scratch buffers must still serve training (flash path, and the SDPA path that saves plan tensors)."""
+    import importlib
+
+    importlib.import_module("ap.core.attention")._scratch_local.__dict__.clear()  # buffers are first made below
+    g = torch.Generator().manual_seed(5)
+    site = AttentionSite("dec_self", 2, 128, 128, backend="block")
+    site.set_mask(torch.rand(2, 128, 128, generator=g) > 0.5)
+    x = torch.randn(1, 2, 128, 8, generator=g)
+    with torch.inference_mode():
+        site(x, x, x)
+    xr = x.clone().requires_grad_()
+    site(xr, xr, xr).sum().backward()
+    site(xr, xr, xr, dropout_p=0.1).sum().backward()
+    assert xr.grad is not None and torch.isfinite(xr.grad).all()

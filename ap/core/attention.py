@@ -133,12 +133,15 @@ def flex_block_mask(keep: Tensor, block_size: int = FLEX_BLOCK_SIZE) -> Any:
     while keep.dim() < 4:
         keep = keep[None]
     b, h, tq, tk = keep.shape
+    with torch.inference_mode(False):  # a BlockMask cached during evaluation is used in training too
+        keep = keep.clone()
 
     def mask_mod(bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
         return keep[bi if b > 1 else 0, hi if h > 1 else 0, qi, ki]
 
-    return create_block_mask(mask_mod, b if b > 1 else None, h if h > 1 else None, tq, tk, device=keep.device,
-                             BLOCK_SIZE=block_size)
+    with torch.inference_mode(False):
+        return create_block_mask(mask_mod, b if b > 1 else None, h if h > 1 else None, tq, tk, device=keep.device,
+                                 BLOCK_SIZE=block_size)
 
 
 @register_backend("flex")
@@ -216,6 +219,11 @@ def _grouped(tiles: Tensor) -> list[tuple[int, Tensor, Tensor, Tensor]]:
 
 def block_plan(keep: Tensor, n_heads: int, bs: int = BLOCK_TILE) -> BlockPlan:
     """The ``BlockPlan`` of a bool ``keep`` ``(H|1, Tq, Tk)`` (causality folded in) for ``n_heads`` heads."""
+    with torch.inference_mode(False):  # a plan cached during evaluation is used in training too: normal tensors
+        return _block_plan(keep, n_heads, bs)
+
+
+def _block_plan(keep: Tensor, n_heads: int, bs: int) -> BlockPlan:
     _, tq, tk = keep.shape
     qb, kb = -(-tq // bs), -(-tk // bs)
     kp = kb * bs
@@ -257,7 +265,8 @@ def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     """A reusable buffer (per thread, name, device and dtype) viewed as ``shape``. Gathers write here: a fresh large CPU
     allocation is page-faulted in on first touch, which measured as slow as the attention itself."""
     bufs = _scratch_local.__dict__.setdefault("bufs", {})
-    key, n = (name, like.device, like.dtype), math.prod(shape)
+    key, n = (name, like.device, like.dtype, torch.is_inference_mode_enabled()), math.prod(shape)  # inference tensors
+    # cannot be written outside inference mode
     if key not in bufs or bufs[key].numel() < n:
         bufs[key] = torch.empty(n, device=like.device, dtype=like.dtype)
     return bufs[key][:n].view(shape)
