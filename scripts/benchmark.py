@@ -163,7 +163,7 @@ def lm_cases(args: argparse.Namespace, model: TransformerLM) -> list[tuple[float
 def lm_model(args: argparse.Namespace) -> TransformerLM:
     """The demo-size LM (d 128, 4 layers, 4 heads, 8k vocabulary) at ``--lm-length``, or shaped like the model of
     ``--masks`` (its layers, heads and length; d 128; random weights: only the time is measured)."""
-    cfg = TransformerLMConfig(vocab_size=8000, block_len=args.lm_length, dropout=0.0)
+    cfg = TransformerLMConfig(vocab_size=8000, block_len=args.lm_length, dropout=args.lm_dropout)
     if args.masks is not None:
         meta = args.masks.meta["model"]
         if meta.get("class") != f"{TransformerLM.__module__}.{TransformerLM.__name__}":
@@ -171,7 +171,7 @@ def lm_model(args: argparse.Namespace) -> TransformerLM:
                              f"{args.masks_path} was made for {meta.get('class')}")
         _, heads, max_q, _ = next(iter(meta["sites"].values()))
         cfg = TransformerLMConfig(vocab_size=8000, block_len=max_q, n_layers=len(meta["sites"]), n_heads=heads,
-                                  dropout=0.0)
+                                  dropout=args.lm_dropout)
     torch.manual_seed(0)
     model = TransformerLM(cfg)
     if args.masks is not None:
@@ -189,7 +189,9 @@ def lm_rows(args: argparse.Namespace) -> list[dict]:
     rows = []
 
     def train_step() -> None:
+        model.train()  # dropout (--lm-dropout) acts in training only
         model(x, x)[1].backward()
+        model.eval()
 
     def use(masks: dict[str, torch.Tensor] | None, backend: str) -> None:
         for name, site in sites.items():
@@ -234,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--lm-length", type=int, default=2048, help="0 skips the whole-LM benchmark")
+    parser.add_argument("--lm-dropout", type=float, default=0.0,
+                        help="the LM's dropout (attention too) in the training step; the demo trains with 0.1")
     parser.add_argument("--masks", type=Path, default=None,
                         help="time the whole LM with this run's masks.pt (LM runs) instead of random tile masks")
     parser.add_argument("--device", default="cpu")

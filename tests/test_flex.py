@@ -82,7 +82,8 @@ def test_benchmark_script_lm_rows(tmp_path):
     from conftest import ROOT
 
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark.py"), "--lengths", "--lm-length", "128",
-                           "--sparsity", "0.9", "--batch", "1", "--repeats", "1", "--out", str(tmp_path)],
+                           "--lm-dropout", "0.1", "--sparsity", "0.9", "--batch", "1", "--repeats", "1",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
