@@ -4,6 +4,7 @@ path (GPU or attention dropout: SDPA per part, autograd)."""
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ap.core import AttentionSite, MaskError, attention
 from ap.core.attention import _sdpa_block, block_plan
@@ -24,6 +25,9 @@ def check_against_eager(q, k, v, mask, causal, atol=1e-5, path="flash"):
     ref, _ = attention(q, k, v, mask=mask, is_causal=causal, backend="eager")
     if path == "flash":
         out, _ = attention(q, k, v, mask=mask, is_causal=causal, backend="block")
+    elif path == "sdpa math":  # the kernel SDPA runs on CPU with dropout
+        with sdpa_kernel(SDPBackend.MATH):
+            out = sdpa_path(q, k, v, mask, causal)
     else:
         out = sdpa_path(q, k, v, mask, causal)
     torch.testing.assert_close(out, ref, atol=atol, rtol=1e-5)
@@ -32,7 +36,7 @@ def check_against_eager(q, k, v, mask, causal, atol=1e-5, path="flash"):
     return out
 
 
-@pytest.mark.parametrize("path", ["flash", "sdpa"])
+@pytest.mark.parametrize("path", ["flash", "sdpa", "sdpa math"])
 @pytest.mark.parametrize("causal,tq,tk", [(True, 150, 150), (False, 150, 150), (False, 70, 130)])
 def test_block_equals_eager(causal, tq, tk, path):
     """Causal self, bidirectional self and cross shapes; lengths not multiples of the tile (rows near the end)."""
@@ -52,7 +56,8 @@ def test_block_equals_eager(causal, tq, tk, path):
 def test_block_equals_eager_on_causal_tile_masks(length, pattern):
     """The AP shape of a causal LM: whole kept tiles plus the causal diagonal. Query tiles keeping only the diagonal
     run with the kernel's causal flag (all of them: no gathers at all), the others with one bias shared by all rows
-    of the part; at 300 the last query tile is cut by the sequence end and gets a bias of its own."""
+    of the part; at 300 the last query tile is cut by the sequence end and gets a bias of its own. Both paths; the SDPA
+    path also with the math kernel (what CPU runs with dropout)."""
     g = torch.Generator().manual_seed(3)
     n = -(-length // 64)
     tiles = torch.eye(n, dtype=torch.bool).expand(4, n, n).clone()  # (H, Qb, Kb)
@@ -64,16 +69,21 @@ def test_block_equals_eager_on_causal_tile_masks(length, pattern):
     assert len(causal) == 1 and (causal[0].all_q and causal[0].all_k) == ((pattern, length) == ("diagonal only", 256))
     shared = [p for p in plan.parts if p.bias is not None and p.bias.shape[1] == 1 < p.q_rows.numel()]
     assert bool(shared) == (pattern == "random tiles")  # one bias for several query tiles
-    cut = [p for p in plan.parts if p.bias is not None and bool(torch.isinf(p.bias[..., -1, :]).all())]  # rows past L
-    assert bool(cut) == (length == 300)
+    last = [p for p in plan.parts if bool((p.q_rows % n == n - 1).any())]  # parts holding a head's last query tile
+    if length == 300:  # cut by the sequence end: a bias of its own; the padding rows see every key (no -inf row)
+        assert all(p.bias is not None and not p.causal and bool((p.bias[..., 300 % 64:, :] == 0).all()) for p in last)
+    else:
+        assert all(p.causal or p.bias.shape[1] == 1 for p in last)
     q, k, v = (torch.randn(2, 4, length, 16, generator=g, requires_grad=True) for _ in range(3))
     check_against_eager(q, k, v, mask, True)
     check_against_eager(q, k, v, mask, True, path="sdpa")
+    with sdpa_kernel(SDPBackend.MATH):
+        check_against_eager(q, k, v, mask, True, path="sdpa")
 
 
 def test_block_row_with_nothing_kept_in_one_of_its_tiles():
-    """Rows kept in a full tile but with no kept entry in a partial tile of the same query tile: the partial part must
-    not count in their softmax (the kernel reports log-sum-exp 0 for such rows)."""
+    """Rows kept in a full tile but with no kept entry in a partial tile of the same query tile (and the reverse for
+    other rows): one softmax over both tiles, equal to eager."""
     g = torch.Generator().manual_seed(4)
     mask = torch.zeros(1, 64, 128, dtype=torch.bool)
     mask[:, :, :64] = True  # a full tile
@@ -149,3 +159,28 @@ def test_plan_and_buffers_made_in_inference_mode_train_afterwards():
     site(xr, xr, xr).sum().backward()
     site(xr, xr, xr, dropout_p=0.1).sum().backward()
     assert xr.grad is not None and torch.isfinite(xr.grad).all()
+
+
+def test_block_float64_gradcheck_broadcast_masks_and_bad_shapes():
+    """float64 (the flash kernel's log-sum-exp is float64 then) passes gradcheck; masks broadcast over queries or keys
+    are planned at full size; shapes the backend cannot run raise a MaskError naming the fix."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 70, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 70, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = torch.rand(2, 70, 70, generator=g) > 0.4
+    torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, mask=mask, backend="block")[0], (q, k, v))
+    x = torch.randn(2, 2, 150, 8, generator=g)
+    for m in (torch.rand(1, 150, generator=g) > 0.5, torch.rand(2, 150, 1, generator=g) > 0.5):
+        torch.testing.assert_close(attention(x, x, x, mask=m, backend="block")[0],
+                                   attention(x, x, x, mask=m, backend="eager")[0], atol=1e-5, rtol=1e-5)
+    for k_ in (torch.randn(2, 2, 150, 4), torch.randn(1, 2, 150, 8)):
+        with pytest.raises(MaskError, match="use sdpa or eager"):
+            attention(x, k_, k_, mask=m, backend="block")
+
+
+def test_block_sdpa_path_with_nothing_kept_stays_in_the_graph():
+    q = torch.randn(1, 2, 64, 8, requires_grad=True)
+    out = sdpa_path(q, q, q, torch.zeros(2, 64, 64, dtype=torch.bool), False)
+    assert out.abs().max() == 0 and out.requires_grad
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert grad.abs().max() == 0

@@ -15,8 +15,9 @@ registered by name (like HF transformers' ``AttentionInterface``):
   by their number of kept key tiles (and mask pattern); per group one fused call on the gathered kept tiles, so every
   query row's softmax is computed in one call and pruned tiles never are. On CPU without dropout (the flash path) the
   calls are PyTorch's CPU flash-attention kernel, with a backward that runs the kernel's flash backward per group (it
-  saves what dense flash attention saves); otherwise (GPU, attention dropout) SDPA with autograd. Forward and backward
-  everywhere; the fastest CPU path for block masks.
+  saves what dense flash attention saves; gathers go to per-thread scratch buffers that are reused, not freed);
+  otherwise (GPU, attention dropout) SDPA with autograd. Forward and backward everywhere; the fastest CPU path for
+  block masks. Per-row masks (padded batches) are planned on every call.
 - ``flex``: FlexAttention (compiled once per shape with ``dynamic=False``) with a ``BlockMask`` built from the
   bool mask and cached, so tiles with no kept entry are skipped and kept tiles apply the exact element mask. Forward
   on CPU and GPU; backward only on GPU (torch 2.13 has no CPU backward: asking for it raises). No attention dropout.
@@ -247,7 +248,11 @@ def _block_plan(keep: Tensor, n_heads: int, bs: int) -> BlockPlan:
             if kind == "diag" and n == 1:
                 part.causal = True
             elif kind != "full":
-                pattern = causal_last[None] if kind == "diag" else m[rows]  # (1|c', bs, n*bs)
+                if kind == "diag":
+                    pattern = causal_last[None]  # (1, bs, n*bs)
+                else:  # query rows past Tq (padding) see every gathered key: no row of -inf for kernels to trip on;
+                    # their output is dropped and their gradient is zero
+                    pattern = m[rows] | ((qt[rows, None] * bs + ar) >= tq)[:, :, None]  # (c', bs, n*bs)
                 part.bias = torch.zeros(pattern.shape, device=keep.device).masked_fill(~pattern, _NEG_INF)[None]
             part.all_q = q_rows.numel() == n_heads * qb and bool((q_rows.diff() == 1).all())
             part.all_k = part.k_flat.numel() == n_heads * kp and bool((part.k_flat.diff() == 1).all())
@@ -313,7 +318,7 @@ def _flash_forward(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: floa
     """The CPU flash path: ``out (B, H*Qb, bs, D)`` and ``logsumexp (B, H*Qb, bs)`` (0 where nothing is kept)."""
     b, _, _, d = q.shape
     q_t, k_t, v_t = _tiles(q, plan.bs, "q"), _tiles(k, plan.bs, "k"), _tiles(v, plan.bs, "v")
-    out, lse = q.new_empty(q_t.shape), q.new_empty(q_t.shape[:3], dtype=torch.float32)
+    out, lse = q.new_empty(q_t.shape), q.new_empty(q_t.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
     out.index_fill_(1, plan.uncovered, 0.0), lse.index_fill_(1, plan.uncovered, 0.0)
     for part in plan.parts:
         qg, kg, vg = _part_inputs(part, q_t, k_t, v_t, scratch=True)
@@ -363,7 +368,8 @@ def _sdpa_block(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, dropout_p: flo
     outs = [F.scaled_dot_product_attention(*_part_inputs(part, q_t, k_t, v_t, scratch=False), attn_mask=_bias(part, q),
                                            dropout_p=dropout_p, is_causal=part.causal, scale=scale)
             for part in plan.parts]  # (B, c, bs, D) each
-    out = q.new_zeros(q_t.shape)  # (B, H*Qb, bs, D): rows in no part stay 0
+    # (B, H*Qb, bs, D): rows in no part stay 0; tied to q, k, v (exact zeros) so autograd sees them used
+    out = q.new_zeros(q_t.shape) + (q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum())
     if outs:
         out = out.index_copy(1, torch.cat([p.q_rows for p in plan.parts]), torch.cat(outs, dim=1))
     return out.view(b, h, -1, d)[:, :, :tq]
@@ -381,6 +387,9 @@ def block_backend(
     per position window) or a bool keep-mask (planned per call).
     """
     b, h, tq, d = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, h) or k.shape[-1] != d:
+        raise MaskError(f"the block backend needs q (B, H, Tq, D) and k, v (B, H, Tk, D) of one batch, head count and "
+                        f"head dim; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (use sdpa or eager)")
     if isinstance(mask, BlockPlan):
         if is_causal:
             raise MaskError("pass causality inside the BlockPlan for the block backend")
@@ -388,6 +397,7 @@ def block_backend(
     else:
         keep = _keep(mask, is_causal, tq, k.shape[-2], q.device)
         keep = keep if keep is not None else torch.ones(tq, k.shape[-2], dtype=torch.bool, device=q.device)
+        keep = keep.expand(*keep.shape[:-2], tq, k.shape[-2])  # a mask broadcast over queries or keys
         while keep.dim() < 3:
             keep = keep[None]
         if keep.dim() == 4 and keep.shape[0] > 1:  # per-row masks (padding): batch rows become heads of one row
