@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ap.core import attention  # noqa: E402
 from ap.core import APError, MaskSet, find_sites  # noqa: E402
-from ap.core.attention import FLEX_BLOCK_SIZE, block_plan, empty_tiles, flex_block_mask  # noqa: E402
+from ap.core.attention import FLEX_BLOCK_SIZE, block_plan, empty_tiles, flex_block_mask, register_backend  # noqa: E402
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig  # noqa: E402
 
 
@@ -143,6 +143,12 @@ def backward_rows(args: argparse.Namespace, length: int, qkv: torch.Tensor) -> l
     return rows
 
 
+@register_backend("skip (bound)")
+def _skip_attention(q, k, v, mask, is_causal, dropout_p, scale, need_probs):  # noqa: ANN001
+    """Attention replaced by its values (no work): what the model costs without attention, the speed-up bound."""
+    return v, None
+
+
 def lm_cases(args: argparse.Namespace, model: TransformerLM) -> list[tuple[float, dict[str, torch.Tensor], float]]:
     """``(sparsity, site -> mask, kept tile fraction)`` to time: random causal tile masks per ``--sparsity``, or the
     masks of ``--masks`` (sparsity = the share of valid entries they prune, as the run reported it)."""
@@ -214,6 +220,12 @@ def lm_rows(args: argparse.Namespace) -> list[dict]:
             dense = timed(fn, args.repeats, args.device)
             rows.append({"what": what, "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
                          "seconds": dense, "ratio": 1.0, "ideal": 1.0, "mb": memory_mb(fn, args.device, training)})
+            if what == "LM inference":  # the bound on any attention speed-up: the model with attention skipped
+                use(None, "skip (bound)")
+                s = timed(fn, args.repeats, args.device)
+                rows.append({"what": what, "length": length, "sparsity": 1.0, "backend": "skip (bound)",
+                             "seconds": s, "ratio": dense / s, "ideal": float("inf"), "mb": float("nan")})
+                use(None, "sdpa")
             for sparsity, masks, kept in cases:
                 for sparse_backend in sparse_backends:
                     use(masks, sparse_backend)

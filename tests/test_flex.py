@@ -88,7 +88,8 @@ def test_benchmark_script_lm_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
     assert [(r["what"], r["backend"]) for r in rows] == [
-        ("LM inference", "sdpa causal (dense)"), ("LM inference", "block"), ("LM inference", "flex"),
+        ("LM inference", "sdpa causal (dense)"), ("LM inference", "skip (bound)"), ("LM inference", "block"),
+        ("LM inference", "flex"),
         ("LM body inference", "sdpa causal (dense)"), ("LM body inference", "block"),
         ("LM train step", "sdpa causal (dense)"), ("LM train step", "block")]
     assert all(float(r["seconds"]) > 0 for r in rows)
