@@ -61,6 +61,11 @@ def register_backend(name: str, returns_probs: bool = False) -> Callable[[Backen
     return wrap
 
 
+def needs_grad(*tensors: Tensor) -> bool:
+    """Whether this call builds an autograd graph through any of ``tensors`` (training, as the backends see it)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def causal_mask(tq: int, tk: int, device: torch.device | None = None) -> Tensor:
     """Bool ``(Tq, Tk)``: True where query ``i`` may see key ``j`` (bottom-right aligned)."""
     i = torch.arange(tq, device=device)[:, None] + (tk - tq)  # (Tq, 1)
@@ -134,13 +139,12 @@ def flex_block_mask(keep: Tensor, block_size: int = FLEX_BLOCK_SIZE) -> Any:
     while keep.dim() < 4:
         keep = keep[None]
     b, h, tq, tk = keep.shape
-    with torch.inference_mode(False):  # a BlockMask cached during evaluation is used in training too
+    with torch.inference_mode(False):  # a BlockMask cached during evaluation is used in training too: normal tensors
         keep = keep.clone()
 
-    def mask_mod(bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-        return keep[bi if b > 1 else 0, hi if h > 1 else 0, qi, ki]
+        def mask_mod(bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return keep[bi if b > 1 else 0, hi if h > 1 else 0, qi, ki]
 
-    with torch.inference_mode(False):
         return create_block_mask(mask_mod, b if b > 1 else None, h if h > 1 else None, tq, tk, device=keep.device,
                                  BLOCK_SIZE=block_size)
 
@@ -153,7 +157,7 @@ def flex_backend(
     global _flex_compiled
     if dropout_p > 0:
         raise MaskError("the flex backend has no attention dropout: use it in eval mode or with dropout 0")
-    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if q.device.type == "cpu" and needs_grad(q, k, v):
         raise MaskError("flex attention has no backward on CPU (torch 2.13): train with backend sdpa or eager, "
                         "use flex for inference or on a GPU")
     if mask is None or isinstance(mask, Tensor):
@@ -411,7 +415,7 @@ def block_backend(
     if (plan.tq, plan.tk, plan.n_heads) != (tq, k.shape[-2], h):
         raise MaskError(f"BlockPlan for {plan.n_heads} heads x {plan.tq} x {plan.tk} used on {h} x {tq} x {k.shape[-2]}")
     if q.device.type == "cpu" and dropout_p == 0:
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if needs_grad(q, k, v):
             return _FlashBlockAttention.apply(q, k, v, plan, scale), None
         return _flash_forward(q, k, v, plan, scale)[0].view(b, h, -1, d)[:, :, :tq], None
     return _sdpa_block(q, k, v, plan, dropout_p, scale), None

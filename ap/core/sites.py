@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .attention import BLOCK_TILE, FLEX_BLOCK_SIZE, attention, block_plan, empty_tiles, flex_block_mask
+from .attention import (BLOCK_TILE, FLEX_BLOCK_SIZE, attention, block_plan, empty_tiles, flex_block_mask,
+                        needs_grad)
 from .errors import MaskError
 
 
@@ -140,7 +141,7 @@ class AttentionSite(nn.Module):
         if backend in ("auto", "flex", "block"):  # (two host syncs: only for backends that cache per position window)
             window = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
         if backend == "auto":
-            training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            training = needs_grad(q, k, v)
             backend = self.choose_backend(mask, is_causal, padded, training, dropout_p, q_pos, k_pos, window)
         if backend == "flex" and not padded:
             # One BlockMask per position window, built once (masks and causality are input-independent).
