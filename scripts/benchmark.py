@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ap.core import attention  # noqa: E402
 from ap.core import APError, MaskSet, find_sites  # noqa: E402
-from ap.core.attention import FLEX_BLOCK_SIZE, block_plan, empty_tiles, flex_block_mask, register_backend  # noqa: E402
+from ap.core.attention import (FLEX_BLOCK_SIZE, block_plan, empty_tiles, flex_block_mask,  # noqa: E402
+                               register_backend)
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig  # noqa: E402
 
 
@@ -169,17 +170,16 @@ def lm_cases(args: argparse.Namespace, model: TransformerLM) -> list[tuple[float
 def lm_model(args: argparse.Namespace) -> TransformerLM:
     """The demo-size LM (d 128, 4 layers, 4 heads, 8k vocabulary) at ``--lm-length``, or shaped like the model of
     ``--masks`` (its layers, heads and length; d 128; random weights: only the time is measured)."""
-    cfg = TransformerLMConfig(vocab_size=8000, block_len=args.lm_length, dropout=args.lm_dropout)
+    shape = {"block_len": args.lm_length}
     if args.masks is not None:
         meta = args.masks.meta["model"]
         if meta.get("class") != f"{TransformerLM.__module__}.{TransformerLM.__name__}":
             raise SystemExit(f"--masks: the whole-LM benchmark times {TransformerLM.__name__} masks; "
                              f"{args.masks_path} was made for {meta.get('class')}")
         _, heads, max_q, _ = next(iter(meta["sites"].values()))
-        cfg = TransformerLMConfig(vocab_size=8000, block_len=max_q, n_layers=len(meta["sites"]), n_heads=heads,
-                                  dropout=args.lm_dropout)
+        shape = {"block_len": max_q, "n_layers": len(meta["sites"]), "n_heads": heads}
     torch.manual_seed(0)
-    model = TransformerLM(cfg)
+    model = TransformerLM(TransformerLMConfig(vocab_size=8000, dropout=args.lm_dropout, **shape))
     if args.masks is not None:
         args.masks.validate(model)  # raises naming the difference
     return model
@@ -204,14 +204,9 @@ def lm_rows(args: argparse.Namespace) -> list[dict]:
             site.set_mask(None if masks is None else masks[name].to(args.device))
             site.backend = backend
 
-    def body() -> torch.Tensor:  # the Transformer stack without the output layer (which masks do not touch)
-        h = model.tok_emb(x) + model.pos_emb(torch.arange(length, device=args.device))
-        for block in model.blocks:
-            h = block(h)
-        return model.ln_f(h)
-
     train_backends = ["block", "flex"] if args.device == "cuda" else ["block"]  # flex: no CPU backward (torch 2.13)
-    runs = [("LM inference", lambda: model(x), ["block", "flex"]), ("LM body inference", body, ["block"]),
+    runs = [("LM inference", lambda: model(x), ["block", "flex"]),
+            ("LM body inference", lambda: model.hidden(x), ["block"]),  # the stack without the output layer
             ("LM train step", train_step, train_backends)]
     cases = lm_cases(args, model)
     for what, fn, sparse_backends in runs:

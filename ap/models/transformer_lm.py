@@ -87,8 +87,8 @@ class TransformerLM(nn.Module):
             else:  # LayerNorm weights
                 nn.init.ones_(p)
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """``idx (B, T)`` token ids → ``logits (B, T, V)`` and the mean cross-entropy over ``targets != -100``."""
+    def hidden(self, idx: Tensor) -> Tensor:
+        """``idx (B, T)`` token ids → the final hidden states ``(B, T, C)`` (the stack without the output layer)."""
         b, t = idx.shape
         if t > self.cfg.block_len:
             raise ValueError(f"sequence length {t} exceeds model.block_len={self.cfg.block_len}")
@@ -96,7 +96,11 @@ class TransformerLM(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.ln_f(x))  # (B, T, V)
+        return self.ln_f(x)
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """``idx (B, T)`` token ids → ``logits (B, T, V)`` and the mean cross-entropy over ``targets != -100``."""
+        logits = self.head(self.hidden(idx))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
