@@ -35,9 +35,23 @@ def test_calibration_restores_mode_after_an_error():
     def boom(x):
         raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         calibrate(model, batches, boom)
-    assert model.training and all(s.recorder is None for s in find_sites(model).values())
+    assert all(m.training for m in model.modules()) and all(s.recorder is None for s in find_sites(model).values())
+
+
+@pytest.mark.parametrize("top_training", [True, False])
+def test_calibration_restores_every_modules_own_mode(top_training):
+    """A submodule in the other mode than the top (e.g. a frozen encoder kept in eval) gets its own mode back."""
+    model, batches = model_and_batches()
+    model.train(top_training)
+    model.blocks[0].train(not top_training)
+    before = {name: m.training for name, m in model.named_modules()}
+    assert len(set(before.values())) == 2
+    seen = []
+    calibrate(model, batches, lambda x: seen.append({m.training for m in model.modules()}) or model(x))
+    assert seen == [{False}] * len(batches), "every module runs in eval mode"
+    assert {name: m.training for name, m in model.named_modules()} == before
 
 
 def test_stats_equal_explicit_probabilities():

@@ -1,5 +1,8 @@
 """AttentionSite position alignment and AttentionStats accumulation at real token positions."""
 
+import argparse
+import re
+
 import pytest
 import torch
 
@@ -32,6 +35,8 @@ def test_padding_side_never_shifts_mask_positions(kind):
     site.set_mask(mask)
     seqs = [torch.randn(t, 2, 4, generator=g) for t in (5, 8, 3)]  # (T, H, D) each
     alone = [site(*(s.transpose(0, 1)[None],) * 3)[0] for s in seqs]  # (H, T, D)
+    dense = AttentionSite(kind, n_heads=2, max_q=8, max_k=8, backend="eager")
+    assert not torch.allclose(dense(*(seqs[1].transpose(0, 1)[None],) * 3)[0], alone[1]), "the mask matters"
     for side in ("left", "right"):
         x, pad = pad_batch(seqs, side, 8)  # (B, 8, H, D)
         x = x.transpose(1, 2)  # (B, H, 8, D)
@@ -49,6 +54,7 @@ def test_incremental_steps_equal_full_forward():
     site.set_mask(torch.tril(torch.rand(2, 6, 6, generator=g) > 0.5) | torch.eye(6, dtype=torch.bool))
     q, k, v = (torch.randn(1, 2, 6, 4, generator=g) for _ in range(3))
     full = site(q, k, v)
+    assert not torch.allclose(AttentionSite("dec_self", n_heads=2, max_q=6, max_k=6)(q, k, v), full), "mask matters"
     steps = torch.cat([site(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1]) for t in range(6)], dim=2)
     torch.testing.assert_close(steps, full)
 
@@ -65,6 +71,8 @@ def test_incremental_step_after_a_left_padded_prefix():
     for i, s in enumerate(seqs):
         alone = site(*(s.transpose(0, 1)[None],) * 3)  # (1, H, T, D)
         torch.testing.assert_close(step[i, :, 0], alone[0, :, -1])
+    dense = AttentionSite("dec_self", n_heads=2, max_q=8, max_k=8)(x[:, :, -1:], x, x, k_padding=pad)
+    assert not torch.allclose(dense, step), "the mask matters"
 
 
 def test_site_rejects_masks_it_cannot_apply():
@@ -140,9 +148,50 @@ def test_merge_and_save_round_trip(tmp_path):
     merged.save(tmp_path / "stats.pt")
     loaded = AttentionStats.load(tmp_path / "stats.pt")
     torch.testing.assert_close(loaded.sum["s"], merged.sum["s"])
+    torch.testing.assert_close(loaded.count["s"], whole.count["s"])
     assert loaded.signature() == {"s": ["enc_self", 2, 5, 5]}
-    with pytest.raises(APError, match="not found"):
+    with pytest.raises(APError, match=re.escape(f"pruning.stats_path={tmp_path / 'missing.pt'} does not exist")):
         AttentionStats.load(tmp_path / "missing.pt")
+
+
+def _truncated(path):
+    torch.save({"x": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def _masks_file(path):
+    torch.save({"format": "ap-masks", "version": 1, "meta": {}, "masks": {}}, path)
+
+
+def _stats_state(**change):
+    stats = AttentionStats()
+    stats.add_site("s", "enc_self", 2, 4, 4)
+    return {**stats.state_dict(), **change}
+
+
+BAD_STATS_FILES = {
+    "garbage": (lambda p: p.write_bytes(b"\x00\x01 garbage bytes"), "could not be read as an ap statistics file.*corrupt"),
+    "truncated": (_truncated, "could not be read as an ap statistics file"),
+    "foreign": (lambda p: torch.save({"a": 1}, p), "is not an ap statistics file"),
+    "object": (lambda p: torch.save(argparse.Namespace(a=1), p), "is not an ap statistics file"),
+    "masks": (_masks_file, "is not an ap statistics file.*pass it as pruning.masks_path"),
+    "no sum": (lambda p: torch.save({k: v for k, v in _stats_state().items() if k != "sum"}, p), "damaged"),
+    "bad count": (lambda p: torch.save(_stats_state(count={"s": torch.zeros(4, 5)}), p), r"\(4, 5\)"),
+    "bad kind": (lambda p: torch.save(_stats_state(kinds={"s": "self"}), p), "kind 'self'"),
+    "lost site": (lambda p: torch.save(_stats_state(kinds={}), p), "site 's' lacks"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_STATS_FILES))
+@pytest.mark.parametrize("key", [None, "experiment.stats"])
+def test_unreadable_stats_file_is_one_error_naming_key_and_path(tmp_path, kind, key):
+    write, what = BAD_STATS_FILES[kind]
+    path = tmp_path / "stats.pt"
+    write(path)
+    with pytest.raises(APError, match=what) as err:
+        AttentionStats.load(path) if key is None else AttentionStats.load(path, key=key)
+    msg = str(err.value)
+    assert f"{key or 'pruning.stats_path'}={path}" in msg and "weights_only" not in msg, msg
 
 
 def tile_mask_site(empty_share: float, length: int = 512, tile: int = 64) -> AttentionSite:

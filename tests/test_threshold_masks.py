@@ -1,10 +1,16 @@
 """Thresholding policies and the MaskSet file contract."""
 
+import argparse
+import re
+import warnings
+
 import pytest
 import torch
+from torch import nn
 
-from ap.core import (APError, AttentionStats, MaskError, MaskSet, achieved_sparsity, block_sparsity, build_masks,
-                     make_maskset, real_positions)
+from ap.core import (APError, AttentionSite, AttentionStats, MaskError, MaskSet, achieved_sparsity, block_sparsity,
+                     build_masks, make_maskset, real_positions)
+from ap.core.threshold import achieved_by_kind
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
 
 
@@ -38,6 +44,8 @@ def test_target_sparsity_is_hit_over_valid_entries(scope, policy, target):
     masks = build_masks(stats, target, scope=scope, policy=policy)
     achieved = achieved_sparsity(masks, stats)
     assert abs(achieved["overall"] - target) < 0.005
+    if scope == "global" and policy == "ap":
+        assert one_threshold(masks, stats, list(masks)), "one threshold over every site"
     for name, keep in masks.items():
         if scope != "global":
             assert abs(weighted_fraction(keep, stats.count[name]) - target) < 0.005, name
@@ -79,6 +87,117 @@ def test_per_kind_sparsity_and_bad_values():
         build_masks(stats, 0.5, scope="row")
 
 
+def scaled_stats(n: int = 16) -> AttentionStats:
+    """Unpadded sites whose scores differ in scale: ``lo`` and ``hi`` (enc_self, 0.1 vs 1) and ``x`` (cross, 10)."""
+    g = torch.Generator().manual_seed(0)
+    stats = AttentionStats()
+    for name, kind, scale in (("lo", "enc_self", 0.1), ("hi", "enc_self", 1.0), ("x", "cross", 10.0)):
+        stats.add_site(name, kind, 2, n, n)
+        for _ in range(3):
+            probs = scale * torch.rand(4, 2, n, n, generator=g, dtype=torch.float64)
+            stats.update(name, probs, real_positions(None, n), real_positions(None, n))
+    return stats
+
+
+def one_threshold(masks, stats, names) -> bool:
+    """Whether one score threshold separates the pruned from the kept candidates (row bests aside) of ``names``."""
+    pruned, kept = [], []
+    for n in names:
+        mean, valid = stats.mean(n), (stats.count[n] > 0).expand_as(masks[n])
+        best = mean.masked_fill(~valid, float("-inf")).argmax(-1, keepdim=True)
+        cand = valid & ~torch.zeros_like(valid).scatter_(-1, best, True)
+        pruned.append(mean[cand & ~masks[n]]), kept.append(mean[cand & masks[n]])
+    return bool(torch.cat(pruned).max() <= torch.cat(kept).min())
+
+
+def test_global_scope_is_one_threshold_over_every_site():
+    """A float target: global shares one threshold across sites and kinds (low-scale sites lose most), layer doesn't."""
+    stats = scaled_stats()
+    glob = build_masks(stats, 0.5, scope="global")
+    a = achieved_sparsity(glob, stats)
+    assert abs(a["overall"] - 0.5) < 0.005
+    assert a["lo"] > 0.9 and 0.3 < a["hi"] < 0.6 and a["x"] < 0.1, a
+    assert one_threshold(glob, stats, ["lo", "hi", "x"])
+    layer = build_masks(stats, 0.5, scope="layer")
+    a = achieved_sparsity(layer, stats)
+    assert all(abs(a[n] - 0.5) < 0.005 for n in ("lo", "hi", "x")), a
+    assert not one_threshold(layer, stats, ["lo", "hi"])
+
+
+def test_global_scope_with_per_kind_targets_is_one_threshold_per_kind():
+    stats = scaled_stats()
+    masks = build_masks(stats, {"enc_self": 0.5, "cross": 0.5}, scope="global")
+    a, kinds = achieved_sparsity(masks, stats), achieved_by_kind(masks, stats)
+    assert abs(kinds["enc_self"] - 0.5) < 0.005 and abs(a["x"] - 0.5) < 0.005
+    assert a["lo"] > 0.85 and a["hi"] < 0.15, a  # lo and hi share the enc_self threshold
+    assert one_threshold(masks, stats, ["lo", "hi"]) and not one_threshold(masks, stats, ["lo", "hi", "x"])
+
+
+def test_kinds_and_sites_select_what_is_pruned():
+    stats = scaled_stats()
+    masks = build_masks(stats, 0.5, scope="global", kinds=["enc_self"])  # one target over lo + hi; x stays dense
+    a = achieved_sparsity(masks, stats)
+    assert a["x"] == 0 and abs(achieved_by_kind(masks, stats)["enc_self"] - 0.5) < 0.005 and a["lo"] > 0.85
+    a = achieved_sparsity(build_masks(stats, {"enc_self": 0.5, "cross": 0.3}, kinds=iter(["cross"])), stats)
+    assert a["lo"] == a["hi"] == 0 and abs(a["x"] - 0.3) < 0.005, "kinds restricts per-kind targets too"
+    a = achieved_sparsity(build_masks(stats, 0.5, scope="global", sites=iter(["lo", "x"])), stats)
+    assert a["hi"] == 0 and abs((a["lo"] + a["x"]) / 2 - 0.5) < 0.005 and a["lo"] > 0.9
+    with pytest.raises(APError, match="unknown site kind 'self'"):
+        build_masks(stats, 0.5, kinds=["self"])
+    with pytest.raises(APError, match="unknown site kind 'encoder'"):
+        build_masks(stats, {"encoder": 0.5})
+
+
+class ThreeSites(nn.Module):
+    """Just the attention sites of an encoder-decoder: ``enc``, ``dec`` (n × n) and ``x`` (cross, n × ``x_keys``)."""
+
+    def __init__(self, n: int = 16, x_keys: int = 16) -> None:
+        super().__init__()
+        self.enc = AttentionSite("enc_self", 2, n, n)
+        self.dec = AttentionSite("dec_self", 2, n, n)
+        self.x = AttentionSite("cross", 2, n, x_keys)
+
+
+def three_site_stats(model: ThreeSites) -> AttentionStats:
+    g = torch.Generator().manual_seed(0)
+    stats = AttentionStats()
+    for name, site in model.named_children():
+        stats.add_site(name, site.kind, site.n_heads, site.max_q, site.max_k)
+        for _ in range(3):
+            probs = torch.rand(4, site.n_heads, site.max_q, site.max_k, generator=g)
+            stats.update(name, probs, real_positions(None, site.max_q), real_positions(None, site.max_k))
+    return stats
+
+
+def test_maskset_records_the_pruned_kinds():
+    model = ThreeSites()
+    stats = three_site_stats(model)
+    assert make_maskset(stats, model, 0.5).meta["kinds"] == ["cross", "dec_self", "enc_self"]
+    assert make_maskset(stats, model, 0.5, kinds="cross").meta["kinds"] == ["cross"]
+    ms = make_maskset(stats, model, 0.5, scope="global", kinds=iter(["dec_self", "enc_self"]))
+    assert ms.meta["kinds"] == ["dec_self", "enc_self"] and ms.meta["achieved"]["x"] == 0
+    assert abs(ms.meta["achieved_kinds"]["enc_self"] - 0.5) > 0.01, "one threshold over enc + dec, not one per kind"
+    assert make_maskset(stats, model, {"cross": 0.2}).meta["kinds"] == ["cross"]
+    lm = tiny_lm()
+    with pytest.warns(UserWarning, match=r"site kinds \['cross'\] but this model's sites are \['dec_self'\]"):
+        assert make_maskset(calibrated(lm), lm, 0.5, kinds=["cross"]).meta["kinds"] == []
+
+
+def test_unreachable_per_kind_target_warns_for_that_kind():
+    """Cross-attention over 2 keys keeps each row's best key: at most 50 % of it can be pruned."""
+    model = ThreeSites(x_keys=2)
+    stats = three_site_stats(model)
+    with pytest.warns(UserWarning, match=r"cross target sparsity 80\.0% is out of reach: achieved 50\.0%") as rec:
+        make_maskset(stats, model, {"cross": 0.8, "enc_self": 0.5})
+    assert not any("enc_self" in str(w.message) for w in rec), "the reachable kind does not warn"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_maskset(stats, model, {"cross": 0.4, "enc_self": 0.5})  # reachable: no warning
+        make_maskset(stats, model, 0.7, kinds=["enc_self", "dec_self"])  # the dense cross site does not count
+    with pytest.warns(UserWarning, match=r"target sparsity 80\.0% is out of reach"):
+        make_maskset(stats, model, 0.8, kinds=["cross"])
+
+
 def tiny_lm(**kw) -> TransformerLM:
     return TransformerLM(TransformerLMConfig(vocab_size=20, block_len=8, n_layers=2, n_heads=2, d_model=8, d_ff=16, **kw))
 
@@ -118,11 +237,71 @@ def test_masks_of_another_model_name_the_first_difference(tmp_path):
     with pytest.raises(MaskError, match=r"blocks\.2\.attn\.site' is in the model but not in the masks"):
         ms.install(deeper)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(Exception):
+    with pytest.raises(APError, match=r"pruning\.masks_path=.*junk\.pt could not be read as an ap mask file.*corrupt"):
         MaskSet.load(tmp_path / "junk.pt")
     torch.save({"format": "other"}, tmp_path / "other.pt")
-    with pytest.raises(APError, match="not an ap mask file"):
+    with pytest.raises(APError, match=r"pruning\.masks_path=.*other\.pt is not an ap mask file"):
         MaskSet.load(tmp_path / "other.pt")
+
+
+def test_mask_file_is_checked_whole_when_loaded(tmp_path):
+    """A mask one row short or a missing/extra site fails at load, naming the site (and shapes), never a KeyError."""
+    model = tiny_lm()
+    ms = make_maskset(calibrated(model), model, 0.5)
+    name = "blocks.1.attn.site"
+    short = MaskSet({**ms.masks, name: ms.masks[name][:, :-1]}, ms.meta)
+    with pytest.raises(MaskError, match=re.escape(f"{name!r} has shape (2, 7, 8) but its site is (2, 8, 8)")):
+        MaskSet.load(short.save(tmp_path / "short.pt"))
+    with pytest.raises(MaskError, match=re.escape("(2, 7, 8)")):
+        short.install(model)
+    missing = MaskSet({n: m for n, m in ms.masks.items() if n != name}, ms.meta)
+    with pytest.raises(MaskError, match=re.escape(f"site {name!r} is in meta['model'] but has no mask")):
+        MaskSet.load(missing.save(tmp_path / "missing.pt"))
+    with pytest.raises(MaskError, match=re.escape(f"site {name!r}")):
+        missing.install(model)
+    extra = MaskSet({**ms.masks, "ghost": ms.masks[name]}, ms.meta)
+    with pytest.raises(MaskError, match="mask of site 'ghost' has no entry in meta"):
+        MaskSet.load(extra.save(tmp_path / "extra.pt"))
+    not_tensor = {**ms.to_dict(), "masks": {**ms.masks, name: [[True]]}}
+    torch.save(not_tensor, tmp_path / "list.pt")
+    with pytest.raises(MaskError, match=re.escape(f"mask of site {name!r} must be a 3-D bool tensor, got list")):
+        MaskSet.load(tmp_path / "list.pt")
+    assert all(m.attn.site.mask is None for m in model.blocks), "nothing was installed"
+
+
+def _truncated(path):
+    torch.save({"x": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def _stats_file(path):
+    stats = AttentionStats()
+    stats.add_site("s", "enc_self", 2, 4, 4)
+    stats.save(path)
+
+
+BAD_MASK_FILES = {
+    "garbage": (lambda p: p.write_bytes(b"\x00\x01 garbage bytes"), "could not be read as an ap mask file.*: corrupt"),
+    "truncated": (_truncated, "could not be read as an ap mask file"),
+    "foreign": (lambda p: torch.save({"a": 1}, p), "is not an ap mask file"),
+    "object": (lambda p: torch.save(argparse.Namespace(a=1), p), "is not an ap mask file"),
+    "stats": (_stats_file, "is not an ap mask file.*pass it as pruning.stats_path"),
+    "no meta": (lambda p: torch.save({"format": "ap-masks", "version": 1, "masks": {}}, p), "'meta' and 'masks'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_MASK_FILES))
+@pytest.mark.parametrize("key", [None, "experiment.masks"])
+def test_unreadable_mask_file_is_one_error_naming_key_and_path(tmp_path, kind, key):
+    write, what = BAD_MASK_FILES[kind]
+    path = tmp_path / "masks.pt"
+    write(path)
+    with pytest.raises(APError, match=what) as err:
+        MaskSet.load(path) if key is None else MaskSet.load(path, key=key)
+    msg = str(err.value)
+    assert f"{key or 'pruning.masks_path'}={path}" in msg and "weights_only" not in msg, msg
+    with pytest.raises(APError, match=re.escape(f"pruning.masks_path={tmp_path / 'none.pt'} does not exist")):
+        MaskSet.load(tmp_path / "none.pt")
 
 
 def causal_lm_stats(n: int = 64, seed: int = 0) -> AttentionStats:

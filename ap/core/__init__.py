@@ -6,11 +6,11 @@ from .errors import APError, MaskError
 from .masks import MaskSet, signature_difference
 from .sites import AttentionSite, SiteKind, find_sites, model_signature, real_positions
 from .stats import AttentionStats
-from .threshold import achieved_sparsity, block_sparsity, build_masks
+from .threshold import achieved_by_kind, achieved_sparsity, block_sparsity, build_masks, kind_targets
 
 __all__ = [
-    "APError", "AttentionSite", "AttentionStats", "BACKENDS", "MaskError", "MaskSet", "SiteKind", "achieved_sparsity",
-    "block_sparsity",
-    "attention", "build_masks", "calibrate", "causal_mask", "find_sites", "make_maskset", "model_signature", "real_positions", "recording", "register_backend",
+    "APError", "AttentionSite", "AttentionStats", "BACKENDS", "MaskError", "MaskSet", "SiteKind", "achieved_by_kind",
+    "achieved_sparsity", "attention", "block_sparsity", "build_masks", "calibrate", "causal_mask", "find_sites",
+    "kind_targets", "make_maskset", "model_signature", "real_positions", "recording", "register_backend",
     "signature_difference",
 ]

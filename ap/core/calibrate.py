@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .masks import MaskSet
 from .sites import AttentionSite, find_sites, model_signature
 from .stats import AttentionStats
-from .threshold import achieved_by_kind, achieved_sparsity, block_sparsity, build_masks
+from .threshold import achieved_by_kind, achieved_sparsity, block_sparsity, build_masks, kind_targets
 
 
 @contextmanager
@@ -51,10 +51,11 @@ def calibrate(
 ) -> AttentionStats:
     """One pass of ``forward(batch)`` over ``batches`` in eval mode without gradients, recording attention statistics.
 
-    Weights are untouched; the previous train/eval mode is restored afterwards (also on error).
+    Weights are untouched; every module's own previous train/eval mode is restored afterwards (also on error), so a
+    frozen submodule kept in eval mode inside a training model stays in eval mode.
     """
     stats = stats if stats is not None else AttentionStats()
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad(), recording(model, stats):
@@ -64,7 +65,8 @@ def calibrate(
                 forward(batch)
                 stats.batches += 1
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return stats
 
 
@@ -79,28 +81,48 @@ def make_maskset(
     config: Optional[dict[str, Any]] = None,
     block_size: int = 0,
     report_block_size: int = 64,
+    kinds: Optional[Iterable[str]] = None,
 ) -> MaskSet:
     """Threshold ``stats`` into a ``MaskSet`` for ``model`` with the full mask-file metadata.
 
+    ``sparsity`` and ``kinds`` are as in ``build_masks``: a float is one target over every site of ``kinds`` (None =
+    all kinds), a dict ``{kind: sparsity}`` one target per kind. ``meta["kinds"]`` lists the kinds pruned (sorted).
+    A target that cannot be reached (every query row keeps its best entry or tile) warns with what was achieved.
     ``meta["achieved_blocks"]`` is the fraction of tiles (``block_size``, or ``report_block_size`` for element-wise
     masks) that are entirely pruned: the part of the work a block-sparse kernel can skip.
     """
     stats.validate(model)
-    masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed, block_size=block_size)
+    kinds = kinds if kinds is None or isinstance(kinds, str) else list(kinds)  # iterated twice
+    targets = kind_targets(sparsity, kinds)
+    pruned_kinds = sorted(k for k in targets if k in stats.kinds.values())
+    masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed, block_size=block_size, kinds=kinds)
     tile = block_size or report_block_size
     achieved = achieved_sparsity(masks, stats)
-    if not isinstance(sparsity, dict) and achieved["overall"] < sparsity - 0.005:
-        warnings.warn(f"target sparsity {sparsity:.1%} is out of reach: achieved {achieved['overall']:.1%} (every query "
-                      f"row keeps its best {'tile' if block_size else 'entry'}); use smaller pruning.block_size or "
-                      f"longer sequences", stacklevel=2)
+    by_kind = achieved_by_kind(masks, stats)
+    if not pruned_kinds:
+        warnings.warn(f"the pruning targets name site kinds {sorted(targets)} but this model's sites are "
+                      f"{sorted(set(stats.kinds.values()))}: nothing is pruned", stacklevel=2)
+        reached = []
+    elif isinstance(sparsity, dict):
+        reached = [(f"{k} target sparsity {targets[k]:.1%}", targets[k], by_kind[k]) for k in pruned_kinds]
+    else:  # one target over the pruned sites together
+        sel = {n: m for n, m in masks.items() if stats.kinds[n] in targets}
+        got = achieved_sparsity(sel, stats)["overall"]
+        reached = [(f"target sparsity {float(sparsity):.1%}", float(sparsity), got)]
+    for what, target, got in reached:
+        if got < target - 0.005:
+            warnings.warn(f"{what} is out of reach: achieved {got:.1%} (every query row keeps its best "
+                          f"{'tile' if block_size else 'entry'}); use smaller pruning.block_size or longer sequences",
+                          stacklevel=2)
     meta = {
         "model": model_signature(model),
         "sparsity": sparsity,
+        "kinds": pruned_kinds,
         "scope": scope,
         "policy": policy,
         "seed": seed,
         "achieved": achieved,
-        "achieved_kinds": achieved_by_kind(masks, stats),
+        "achieved_kinds": by_kind,
         "calibration": {"split": split, "batches": stats.batches, "tokens": stats.tokens},
         "block_size": block_size,
         "achieved_blocks": {"block_size": tile, **block_sparsity(masks, stats, tile)},

@@ -4,12 +4,16 @@ File format (``torch.load(path, weights_only=True)``)::
 
     {"format": "ap-masks", "version": 1,
      "meta": {"model": {"class": str, "sites": {site: [kind, n_heads, max_q, max_k]}},
-              "sparsity": float | {kind: float}, "scope": str, "policy": str,
+              "sparsity": float | {kind: float}, "kinds": [kind, ...],   # the site kinds pruned (sorted)
+              "scope": str, "policy": str,
               "achieved": {"overall": float, site: float},   # fraction of valid entries pruned
               "achieved_kinds": {kind: float},               # the same per site kind (enc_self, dec_self, cross)
               "calibration": {"split": str, "batches": int, "tokens": int},
               "block_size": int, "created": ISO time, "config": {...}},
      "masks": {site: BoolTensor[n_heads, max_q, max_k]}}       # True = keep
+
+Loading checks a file whole (every site of ``meta["model"]`` has a mask of exactly its shape), so a damaged or
+hand-edited file fails at load, naming the site, not when an input first reaches a missing row.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import APError, MaskError
+from .files import load_user_file
 from .sites import find_sites, model_signature
 
 FORMAT, VERSION = "ap-masks", 1
@@ -54,17 +59,50 @@ class MaskSet:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "mask data") -> "MaskSet":
+        """A ``MaskSet`` from the mask-file dict, checked whole: format, meta fields, and every mask against its site.
+
+        Raises ``APError`` (``MaskError`` for a mask that does not fit its site) naming ``source`` and what is wrong.
+        """
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise APError(f"{source} is not an ap mask file (expected format {FORMAT!r})")
+            hint = ("; it is an ap statistics file: pass it as pruning.stats_path"
+                    if isinstance(data, dict) and data.get("format") == "ap-stats" else "")
+            raise APError(f"{source} is not an ap mask file (expected format {FORMAT!r}){hint}")
         if data.get("version") != VERSION:
             raise APError(f"{source} has mask-file version {data.get('version')}; this ap reads version {VERSION}")
-        missing = [k for k in REQUIRED_META if k not in data["meta"]]
+        meta, masks = data.get("meta"), data.get("masks")
+        if not isinstance(meta, dict) or not isinstance(masks, dict):
+            raise APError(f"{source} is damaged: 'meta' and 'masks' must be dicts; rebuild masks with a pruning run")
+        missing = [k for k in REQUIRED_META if k not in meta]
         if missing:
             raise APError(f"{source} lacks meta fields {missing}")
-        for name, m in data["masks"].items():
-            if m.dtype != torch.bool or m.dim() != 3:
-                raise APError(f"{source}: mask of site {name!r} must be a 3-D bool tensor, got {m.dtype} {tuple(m.shape)}")
-        return cls(dict(data["masks"]), dict(data["meta"]))
+        ms = cls(dict(masks), dict(meta))
+        ms.check(source)
+        return ms
+
+    def check(self, source: str = "masks") -> None:
+        """Raise if the masks and ``meta["model"]["sites"]`` do not name the same sites with the same shapes.
+
+        Each mask must be a bool ``(n_heads, max_q, max_k)`` tensor of its site's entry in the signature.
+        """
+        model = self.meta.get("model")
+        sites = model.get("sites") if isinstance(model, dict) else None
+        if not isinstance(sites, dict) or not all(isinstance(s, (list, tuple)) and len(s) == 4
+                                                  and all(isinstance(x, int) for x in s[1:]) for s in sites.values()):
+            raise APError(f"{source}: meta['model']['sites'] must map each site to [kind, n_heads, max_q, max_k]; "
+                          f"rebuild the masks with a pruning run")
+        for name in sites:
+            if name not in self.masks:
+                raise MaskError(f"{source}: site {name!r} is in meta['model'] but has no mask; rebuild the masks")
+        for name, m in self.masks.items():
+            if name not in sites:
+                raise MaskError(f"{source}: mask of site {name!r} has no entry in meta['model']; rebuild the masks")
+            if not isinstance(m, Tensor) or m.dtype != torch.bool or m.dim() != 3:
+                got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
+                raise MaskError(f"{source}: mask of site {name!r} must be a 3-D bool tensor, got {got}")
+            expected = tuple(sites[name][1:])
+            if tuple(m.shape) != expected:
+                raise MaskError(f"{source}: mask of site {name!r} has shape {tuple(m.shape)} but its site is "
+                                f"{expected} (n_heads, max_q, max_k); rebuild the masks")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -73,15 +111,15 @@ class MaskSet:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "MaskSet":
-        path = Path(path)
-        if not path.is_file():
-            raise APError(f"mask file {path} not found (pruning.masks_path); a pruning run writes <run_dir>/masks.pt")
-        return cls.from_dict(torch.load(path, weights_only=True, map_location="cpu"), source=str(path))
+    def load(cls, path: str | Path, key: str = "pruning.masks_path") -> "MaskSet":
+        """Read and check a mask file; any problem is one ``APError`` naming ``key`` (the config key) and ``path``."""
+        data = load_user_file(path, key, "an ap mask file (<run_dir>/masks.pt of a pruning run)")
+        return cls.from_dict(data, source=f"{key}={path}")
 
     # --- applying ----------------------------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
         """Raise ``MaskError`` naming the first difference if these masks were not made for ``model``'s sites."""
+        self.check()
         diff = signature_difference(self.meta["model"]["sites"], model_signature(model)["sites"])
         if diff:
             raise MaskError(f"masks do not fit this model: {diff}")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import APError, MaskError
+from .files import load_user_file
 from .masks import signature_difference
 from .sites import AttentionSite, SiteKind, model_signature
 
@@ -113,23 +114,49 @@ class AttentionStats:
                 "batches": self.batches, "tokens": self.tokens}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "AttentionStats":
-        if state.get("format") != "ap-stats":
-            raise APError("not an ap statistics file (expected format 'ap-stats'); pass the stats.pt of a calibration run")
+    def from_state_dict(cls, state: Any, source: str = "statistics data") -> "AttentionStats":
+        """Statistics from ``state_dict()`` output, checked whole (``APError`` naming ``source`` if malformed)."""
+        expected = "expected format 'ap-stats'; pass the stats.pt of a calibration run"
+        if not isinstance(state, dict) or state.get("format") != "ap-stats":
+            hint = ("; it is an ap mask file: pass it as pruning.masks_path"
+                    if isinstance(state, dict) and state.get("format") == "ap-masks" else "")
+            raise APError(f"{source} is not an ap statistics file ({expected}){hint}")
+        if state.get("version") != 1:
+            raise APError(f"{source} has statistics version {state.get('version')}; this ap reads version 1")
+        total, count, kinds = state.get("sum"), state.get("count"), state.get("kinds")
+        batches, tokens = state.get("batches"), state.get("tokens")
+        if not all(isinstance(d, dict) for d in (total, count, kinds)) or not all(
+                isinstance(x, int) for x in (batches, tokens)):
+            raise APError(f"{source} is damaged: it needs dicts 'sum', 'count', 'kinds' and ints 'batches', 'tokens' "
+                          f"({expected})")
+        if not total.keys() == count.keys() == kinds.keys():
+            odd = sorted(set(total) ^ set(count) | set(total) ^ set(kinds))
+            raise APError(f"{source} is damaged: site {odd[0]!r} lacks 'sum', 'count' or 'kind' ({expected})")
+        valid_kinds = [k.value for k in SiteKind]
+        for name in total:
+            s, c = total[name], count[name]
+            if kinds[name] not in valid_kinds:
+                raise APError(f"{source} is damaged: site {name!r} has kind {kinds[name]!r}, not one of {valid_kinds}")
+            if not (isinstance(s, Tensor) and isinstance(c, Tensor) and s.dim() == 3 and c.dim() == 2
+                    and s.shape[1:] == c.shape and s.is_floating_point() and c.is_floating_point()):
+                shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (s, c)]
+                raise APError(f"{source} is damaged: site {name!r} needs float sum (H, Q, K) and count (Q, K), got "
+                              f"{shapes[0]} and {shapes[1]} ({expected})")
         stats = cls()
-        stats.sum, stats.count, stats.kinds = state["sum"], state["count"], state["kinds"]
-        stats.batches, stats.tokens = state["batches"], state["tokens"]
+        stats.sum = {n: t.to(torch.float64) for n, t in total.items()}
+        stats.count = {n: t.to(torch.float64) for n, t in count.items()}
+        stats.kinds = dict(kinds)
+        stats.batches, stats.tokens = batches, tokens
         return stats
 
     def save(self, path: str | Path) -> None:
         torch.save(self.state_dict(), path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "AttentionStats":
-        path = Path(path)
-        if not path.is_file():
-            raise APError(f"statistics file {path} not found (pruning.stats_path); a calibration run writes stats.pt")
-        return cls.from_state_dict(torch.load(path, weights_only=True))
+    def load(cls, path: str | Path, key: str = "pruning.stats_path") -> "AttentionStats":
+        """Read and check a statistics file; any problem is one ``APError`` naming ``key`` (config key) and ``path``."""
+        state = load_user_file(path, key, "an ap statistics file (stats.pt of a calibration run)")
+        return cls.from_state_dict(state, source=f"{key}={path}")
 
     def validate(self, model: nn.Module, source: str = "statistics") -> None:
         """Raise ``MaskError`` naming the first difference if these statistics were not taken on ``model``'s sites."""

@@ -7,7 +7,8 @@ cannot buy sparsity. Scores: ``ap`` = the mean attention probability (the paper)
 (the baseline with the same sparsity per scope).
 
 Scopes (which entries share one threshold): ``layer`` (one per site — the paper's default), ``head`` (one per site and
-head), ``global`` (one for all sites).
+head), ``global`` (one for every pruned site together, so sites with larger scores keep more; with per-kind targets
+``{kind: sparsity}``, one per site kind).
 
 Every query row that has valid entries keeps its best-scoring one (no all-masked softmax row); these forced entries
 count as kept, and the remaining candidates are pruned until the target is met, so the target is still hit exactly
@@ -66,6 +67,28 @@ def _row_best(scores: Tensor, valid: Tensor) -> Tensor:
     return torch.zeros_like(valid).scatter_(-1, best, True) & valid
 
 
+def kind_targets(sparsity: float | dict[str, float], kinds: Optional[Iterable[str]] = None) -> dict[str, float]:
+    """The target of every site kind that is pruned: ``{kind: sparsity}`` (kinds left out stay dense).
+
+    A float is one target for every kind in ``kinds`` (None = all kinds); a dict gives per-kind targets, restricted to
+    ``kinds`` when given. Raises ``APError`` for unknown kinds or targets outside ``[0, 1)``.
+    """
+    valid = [k.value for k in SiteKind]
+    chosen = valid if kinds is None else [kinds] if isinstance(kinds, str) else list(kinds)
+    given = list(sparsity) if isinstance(sparsity, dict) else []
+    for k in chosen + given:
+        if k not in valid:
+            raise APError(f"unknown site kind {k!r} in the pruning targets; use one of {valid}")
+    if isinstance(sparsity, dict):
+        targets = {k: float(s) for k, s in sparsity.items() if k in chosen}
+    else:
+        targets = {k: float(sparsity) for k in chosen}
+    for s in targets.values():
+        if not 0.0 <= s < 1.0:
+            raise APError(f"sparsity must be in [0, 1), got {s}")
+    return targets
+
+
 def build_masks(
     stats: AttentionStats,
     sparsity: float | dict[str, float],
@@ -74,11 +97,15 @@ def build_masks(
     seed: int = 0,
     sites: Optional[Iterable[str]] = None,
     block_size: int = 0,
+    kinds: Optional[Iterable[str]] = None,
 ) -> dict[str, Tensor]:
     """Masks ``{site: (H, Q, K) bool, True = keep}`` pruning ``sparsity`` of each scope's valid entries.
 
-    ``sparsity`` may be one float or ``{site_kind: float}`` (e.g. ``{"cross": 0.5, "enc_self": 0.9}``; kinds not listed
-    are not pruned). ``sites`` restricts pruning to those site names; other sites get all-True masks.
+    ``kinds`` are the site kinds to prune (None = all); ``sites`` restricts pruning further to those site names. Sites
+    not pruned get all-True masks (causal sites: the lower triangle). A float ``sparsity`` is one target for every
+    pruned site: with ``scope="global"`` one threshold across all of them. A dict ``{site_kind: float}`` (e.g.
+    ``{"cross": 0.5, "enc_self": 0.9}``) gives per-kind targets, kinds not listed are not pruned: with
+    ``scope="global"`` one threshold per kind.
     ``block_size > 0`` prunes whole ``block_size × block_size`` tiles instead of entries (what a block-sparse kernel can
     skip): a tile's ``ap`` score is its mean calibrated probability over its valid occurrences, its weight the count of
     its valid entries. Self-attention sites always keep their diagonal tiles (every query keeps its own and its
@@ -90,11 +117,9 @@ def build_masks(
     if policy not in POLICIES:
         raise APError(f"unknown pruning policy {policy!r}; choose one of {POLICIES}")
     names = list(stats.sum)
-    selected = set(names if sites is None else sites)
-    per_kind = sparsity if isinstance(sparsity, dict) else {k.value: float(sparsity) for k in SiteKind}
-    for s in per_kind.values():
-        if not 0.0 <= s < 1.0:
-            raise APError(f"sparsity must be in [0, 1), got {s}")
+    per_kind = kind_targets(sparsity, kinds)
+    only = None if sites is None else set(sites)
+    selected = [n for n in names if (only is None or n in only) and stats.kinds[n] in per_kind]  # sites pruned
 
     if block_size < 0:
         raise APError(f"block_size must be >= 0 (0 = element-wise), got {block_size}")
@@ -119,18 +144,18 @@ def build_masks(
 
     # Group the entries that share a threshold.
     groups: list[tuple[float, list[tuple[str, Optional[int]]]]] = []
-    if scope == "global":
+    if scope == "global" and not isinstance(sparsity, dict):  # one threshold over every pruned site
+        if selected:
+            groups.append((float(sparsity), [(n, None) for n in selected]))
+    elif scope == "global":  # one threshold per kind
         for kind, s in per_kind.items():
-            members = [(n, None) for n in names if n in selected and stats.kinds[n] == kind]
+            members = [(n, None) for n in selected if stats.kinds[n] == kind]
             if members:
                 groups.append((s, members))
     else:
-        for n in names:
-            s = per_kind.get(stats.kinds[n])
-            if n not in selected or s is None:
-                continue
+        for n in selected:
             heads = [None] if scope == "layer" else range(stats.sum[n].shape[0])
-            groups += [(s, [(n, h)]) for h in heads]
+            groups += [(per_kind[stats.kinds[n]], [(n, h)]) for h in heads]
 
     def part(t: dict[str, Tensor], n: str, h: Optional[int]) -> Tensor:
         return t[n] if h is None else t[n][h]
