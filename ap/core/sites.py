@@ -43,13 +43,15 @@ AUTO_SPARSE_MIN_LEN = 512
 Recorder = Callable[["AttentionSite", Tensor, Tensor, Tensor], None]
 
 
-def real_positions(padding: Optional[Tensor], length: int, offset: int = 0, device: torch.device | None = None) -> Tensor:
+def real_positions(padding: Optional[Tensor], length: int, offset: int | Tensor = 0,
+                   device: torch.device | None = None) -> Tensor:
     """Position of each token among the real tokens of its row: ``(B, T)`` long, -1 at padding (True in ``padding``).
 
-    Without padding: ``(1, T)`` = ``offset + arange(T)``.
+    ``offset``: position of the first real token, an int or per row ``(B, 1)``. Without padding: ``(1|B, T)`` =
+    ``offset + arange(T)``.
     """
     if padding is None:
-        return (torch.arange(length, device=device) + offset)[None, :]  # (1, T)
+        return torch.arange(length, device=device)[None, :] + offset  # (1|B, T)
     real = ~padding  # (B, T)
     pos = real.long().cumsum(dim=1) - 1 + offset  # (B, T)
     return pos.masked_fill(padding, -1)
@@ -65,7 +67,10 @@ class AttentionSite(nn.Module):
         self.backend = backend
         self.name = ""  # bound by find_sites
         self.recorder: Optional[Recorder] = None
-        self.register_buffer("mask", None, persistent=False)  # (H, Q, K) bool, True = keep; masks travel in MaskSet
+        # (H, Q, K) bool, True = keep. A plain attribute, not a buffer: DDP would re-broadcast buffers every step
+        # (~150 MB for WMT at 1024 positions) although every rank holds the same masks. It follows the inputs' device
+        # on first use; masks travel in MaskSet files and in the callback's checkpoint state.
+        self.mask: Optional[Tensor] = None
         self._block_masks: dict[tuple, Any] = {}  # flex BlockMask per (first query, first key, Tq, Tk, device)
         self._empty_tiles: dict[tuple, float] = {}  # share of valid tiles the mask empties, per window (backend auto)
         self._auto_logged: set[tuple[str, bool]] = set()
@@ -79,7 +84,7 @@ class AttentionSite(nn.Module):
             if mask.dim() != 3 or mask.shape[0] != self.n_heads:
                 raise MaskError(f"site {self.name!r}: mask shape {tuple(mask.shape)} does not fit "
                                 f"({self.n_heads} heads, queries, keys)")
-        self.mask = mask  # a registered buffer: moves with model.to(device)
+        self.mask = mask
         self._block_masks.clear()
         self._empty_tiles.clear()
 
@@ -108,15 +113,15 @@ class AttentionSite(nn.Module):
         *,
         q_padding: Optional[Tensor] = None,
         k_padding: Optional[Tensor] = None,
-        q_offset: Optional[int] = None,
+        q_offset: Optional[int | Tensor] = None,
         dropout_p: float = 0.0,
         scale: Optional[float] = None,
     ) -> Tensor:
         """``q (B, H, Tq, D)``, ``k, v (B, H, Tk, D)``, paddings ``(B, T)`` True = pad → ``(B, H, Tq, D)``.
 
-        ``scale`` defaults to ``1/sqrt(D)``. ``q_offset``: real position of the first query when there is no query
-        padding (default for self-attention: the new queries follow the row's real cached keys, i.e. incremental
-        decoding; 0 for cross-attention).
+        ``scale`` defaults to ``1/sqrt(D)``. ``q_offset``: real position of the first real query, an int or per row
+        ``(B, 1)`` (a padded incremental step: the new queries follow each row's own real cached keys). Default for
+        self-attention without query padding: the new queries follow the row's real cached keys; otherwise 0.
         """
         tq, tk = q.shape[-2], k.shape[-2]
         k_pos = real_positions(k_padding, tk, 0, q.device)  # (1|B, Tk)
@@ -124,7 +129,7 @@ class AttentionSite(nn.Module):
             # new queries follow the real (cached) keys of their own row: per-row offsets under key padding
             q_pos = (k_pos.max(dim=1, keepdim=True).values + 1 - tq) + torch.arange(tq, device=q.device)  # (1|B, Tq)
         else:
-            q_pos = real_positions(q_padding, tq, q_offset or 0, q.device)  # (1|B, Tq)
+            q_pos = real_positions(q_padding, tq, 0 if q_offset is None else q_offset, q.device)  # (1|B, Tq)
         padded = q_padding is not None or k_padding is not None
 
         mask = self._aligned_mask(q_pos, k_pos) if self.mask is not None else None  # (1|B, H, Tq, Tk)
