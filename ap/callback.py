@@ -7,7 +7,12 @@ before ``fit``, to measure the pruned model before fine-tuning) it
    all-reduced across DDP ranks, then thresholded;
 2. writes ``stats.pt``, ``masks.pt`` and heatmaps into ``output_dir`` (rank zero; existing files are never overwritten);
 3. re-initialises the weights if ``reinit`` (the paper's LM/MT recipe), and installs the masks into every site.
-Masks travel in Lightning checkpoints (``state_dict``) and are re-installed on resume.
+Masks travel in Lightning checkpoints (``state_dict``, with ``carried``: whatever the caller wants a resumed run to get
+back, e.g. metrics of earlier stages) and are re-installed on resume; restored masks made with another pruning config
+(sparsity, kinds, scope, policy, block size) are an error naming both.
+
+Calibration is one epoch over the train split as the trainer defines it: ``limit_train_batches`` caps it like a
+training epoch (``trainer=debug``), and so does ``calibration_batches``; the smaller wins.
 
 The LightningModule must expose ``model`` (the ``nn.Module`` holding the ``AttentionSite``\\ s) and
 ``calibration_forward(batch)``; ``reinitialize()`` is needed for ``reinit=True``. The datamodule's
@@ -35,6 +40,7 @@ class AttentionPruning(pl.Callback):
     def __init__(
         self,
         sparsity: float | dict[str, float] = 0.9,
+        kinds: Optional[list[str]] = None,
         scope: str = "layer",
         block_size: int = 0,
         policy: str = "ap",
@@ -48,6 +54,7 @@ class AttentionPruning(pl.Callback):
         config: Optional[dict[str, Any]] = None,
     ) -> None:
         self.sparsity, self.scope, self.block_size, self.policy, self.seed = sparsity, scope, block_size, policy, seed
+        self.kinds = sorted(kinds) if kinds is not None else None  # None = every kind (or the keys of a dict target)
         self.calibration_batches, self.reinit = calibration_batches, reinit
         self.masks_path, self.stats_path = masks_path, stats_path
         self.output_dir = Path(output_dir) if output_dir else None
@@ -55,6 +62,7 @@ class AttentionPruning(pl.Callback):
         self.masks: Optional[MaskSet] = None
         self.stats: Optional[AttentionStats] = None
         self.timing: dict[str, float] = {}
+        self.carried: dict[str, Any] = {}  # saved with the masks in checkpoints, restored on resume
         self._restored = self._reinitialized = self._written = False
 
     # --- stages ------------------------------------------------------------------------------------------------
@@ -89,7 +97,8 @@ class AttentionPruning(pl.Callback):
                     self.timing["calibrate_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 self.masks = make_maskset(self.stats, model, self.sparsity, scope=self.scope, policy=self.policy,
-                                          seed=self.seed, config=self.config, block_size=self.block_size)
+                                          seed=self.seed, config=self.config, block_size=self.block_size,
+                                          kinds=self.kinds)
                 self.timing["threshold_s"] = time.perf_counter() - t0
             self._write(trainer)
             log.info(f"AttentionPruning: {self.masks.meta['achieved']['overall']:.1%} of valid attention pruned\n"
@@ -108,7 +117,8 @@ class AttentionPruning(pl.Callback):
             raise APError("AttentionPruning calibrates on the datamodule's train split: pass a LightningDataModule to fit")
         loader = dm.calibration_dataloader() if hasattr(dm, "calibration_dataloader") else dm.train_dataloader()
         rank, world = trainer.global_rank, trainer.world_size
-        n = len(loader) if self.calibration_batches is None else min(len(loader), self.calibration_batches)
+        n = min(len(loader), _epoch_batches(len(loader), trainer.limit_train_batches),
+                len(loader) if self.calibration_batches is None else self.calibration_batches)
         batches = (b for i, b in enumerate(itertools.islice(loader, n)) if i % world == rank)
         bar = tqdm(batches, total=len(range(rank, n, world)), desc="calibrate", leave=False,
                    disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)
@@ -132,12 +142,38 @@ class AttentionPruning(pl.Callback):
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": self.masks.to_dict()} if self.masks is not None else {}
+        return {"masks": self.masks.to_dict(), "carried": self.carried} if self.masks is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("masks"):
-            self.masks = MaskSet.from_dict(state_dict["masks"], source="checkpoint")
+            masks = MaskSet.from_dict(state_dict["masks"], source="checkpoint")
+            if not self.masks_path:  # masks from a file define the pruning themselves
+                self.check_made_like_this(masks.meta)
+            self.masks, self.carried = masks, dict(state_dict.get("carried") or {})
             self._restored = True
+
+    def check_made_like_this(self, meta: dict[str, Any]) -> None:
+        """Raise ``APError`` naming both values if masks (``meta``) were made with other pruning settings."""
+        kinds = sorted(self.sparsity) if isinstance(self.sparsity, dict) else self.kinds
+        if kinds is not None:  # meta lists the kinds actually pruned: those of the model's sites
+            present = {spec[0] for spec in meta.get("model", {}).get("sites", {}).values()}
+            kinds = sorted(k for k in kinds if k in present)
+        ours = {"sparsity": self.sparsity, "kinds": kinds, "scope": self.scope, "policy": self.policy,
+                "block_size": self.block_size}
+        for key, value in ours.items():
+            theirs = meta.get(key)
+            if key == "kinds" and (value is None or theirs is None):
+                continue  # every kind, or masks written before kinds were recorded
+            if theirs != value:
+                raise APError(f"the checkpoint's masks were made with {key}={theirs}, this run asks for {key}={value}: "
+                              f"resume with the pruning config of the interrupted run")
+
+
+def _epoch_batches(n: int, limit: int | float | None) -> int:
+    """How many of ``n`` batches one epoch takes under Lightning's ``limit_train_batches`` (int or fraction)."""
+    if limit is None:
+        return n
+    return min(n, int(limit)) if isinstance(limit, int) else int(n * float(limit))
 
 
 def _pruned_model(pl_module: pl.LightningModule) -> Any:

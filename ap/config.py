@@ -8,13 +8,14 @@ by ``check(cfg)``, which ``run.py`` calls before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import II, DictConfig, OmegaConf
 
 from ap.core.errors import APError
 
@@ -42,7 +43,7 @@ class PruningConfig:
     kinds: list[str] = field(default_factory=lambda: list(KINDS))  # site kinds to prune; the others stay dense
     scope: Scope = Scope.layer  # layer | head | global
     block_size: int = 0  # 0 = element-wise masks; N > 0 = prune whole N x N tiles (what block-sparse kernels skip)
-    seed: int = 0  # random policy
+    seed: int = II("seed")  # random policy; follows the run's `seed` (a seed sweep redraws the random baseline)
     calibration_batches: Optional[int] = None  # cap on calibration batches (null = one full train epoch, the paper)
     reinit: bool = False  # re-initialise weights and train from scratch with masks (the paper's LM/MT recipe)
     masks_path: Optional[str] = None  # use a saved masks.pt: skips calibration and thresholding
@@ -67,15 +68,24 @@ class PruningConfig:
         return self.policy is not Policy.none or self.masks_path is not None
 
     def target(self) -> float | dict[str, float]:
-        """The sparsity argument for ``build_masks``: one float, or per kind (``kind_sparsity``, ``kinds``)."""
+        """The sparsity argument for ``build_masks``: one float (one target over every pruned kind; ``scope=global``
+        is then one threshold over all of them), or ``{kind: sparsity}`` when ``kind_sparsity`` gives any (one
+        target, and for ``scope=global`` one threshold, per kind; kinds not in ``kinds`` are left out)."""
         per_kind = {k: v for k, v in self.kind_sparsity.items() if v is not None}
-        if not per_kind and set(self.kinds) == set(KINDS):
+        if not per_kind:
             return self.sparsity
         return {k: per_kind.get(k, self.sparsity) for k in KINDS if k in self.kinds}
+
+    def pruned_kinds(self) -> list[str]:
+        """The site kinds to prune (``kinds``, minus kinds without a target), sorted as ``MaskSet`` meta records them."""
+        target = self.target()
+        return sorted(k for k in self.kinds if not isinstance(target, dict) or k in target)
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(group="pruning", name="schema", node=PruningConfig)
+    # `${ap.pid:}` in run directory names (conf/hydra/default.yaml): jobs started in the same second never share one
+    OmegaConf.register_new_resolver("ap.pid", os.getpid, replace=True)
     forget_fairseq_configs()
 
 

@@ -23,6 +23,9 @@ def results_table(results: dict[str, Any]) -> str:
     for label, metrics, sparsity in rows:
         cells = "  ".join(f"{metrics[n]:>10.3f}" if n in metrics else f"{'-':>10}" for n in names)
         lines.append(f"{label:<{width}}  {cells}  {sparsity:>8.1%}")
+    if results.get("baseline"):
+        lines.append(f"baseline: {results['baseline']}" + (" (pruning.reinit: the pruned model was trained from "
+                                                          "scratch)" if results["baseline"] == "dense" else ""))
     if len(results.get("sparsity_per_kind") or {}) > 1:
         lines.append("pruned per kind: " + ", ".join(f"{k} {v:.1%}" for k, v in results["sparsity_per_kind"].items()))
     timing = results.get("timing", {})

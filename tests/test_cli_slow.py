@@ -8,15 +8,22 @@ import pytest
 import torch
 
 from ap.core import MaskSet
-from conftest import TINY
+from ap.data.wikitext import read_tokens
+from ap.run import evaluate
+from ap.tasks import build
+from conftest import TINY, compose_cfg
 from test_pipeline import run_cli
 
 pytestmark = pytest.mark.slow
 
 
-def test_ddp_two_processes_give_the_same_masks_as_one(tiny_data, tmp_path):
+def test_ddp_two_processes_give_the_same_masks_and_metrics_as_one(tiny_data, tmp_path):
+    """2 gloo processes: the same masks as 1 process, and every evaluation counts each example once (the pruned model
+    before fine-tuning scores as in 1 process; the final metrics equal a 1-process evaluation of the final weights)."""
     common = [*TINY, f"data.dir={tiny_data}", "pruning=ap80", "pruning.calibration_batches=null",
               "dense_finetune_baseline=false", "task.finetune.max_steps=2"]
+    n_val = -(-(len(read_tokens(tiny_data / "wiki.valid.tokens")) - 1) // 32)  # blocks of 32
+    assert n_val % 2 == 1  # an odd count: a sampler that pads ranks would count one block twice
     single = run_cli(*common, f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
     dense = tmp_path / "single/checkpoints/dense/last.ckpt"
@@ -28,6 +35,20 @@ def test_ddp_two_processes_give_the_same_masks_as_one(tiny_data, tmp_path):
     assert a.meta["calibration"]["batches"] == b.meta["calibration"]["batches"]
     for name in a.masks:
         assert torch.equal(a.masks[name], b.masks[name]), name
+
+    one, two = (json.loads((tmp_path / f"{d}/results.json").read_text()) for d in ("single", "ddp"))
+    for key in ("dense_metrics", "pruned_before_finetune_metrics"):  # same weights and masks in both runs
+        for metric, value in one[key].items():
+            assert two[key][metric] == pytest.approx(value, rel=1e-5), (key, metric)
+
+    cfg = compose_cfg([*common, "logger=none", f"paths.output_dir={tmp_path / 'eval'}"])
+    dm, module = build(cfg)
+    module.load_state_dict(torch.load(tmp_path / "ddp/checkpoints/finetune/last.ckpt", weights_only=True)["state_dict"])
+    b.install(module.model)
+    reference = evaluate(cfg, module, dm, "final_eval")
+    assert set(reference) == set(two["metrics"])
+    for metric, value in reference.items():
+        assert two["metrics"][metric] == pytest.approx(value, rel=1e-5), metric
 
 
 def test_wandb_logger_works_offline_without_account(tiny_data, tmp_path):

@@ -81,3 +81,31 @@ def test_core_lm_and_glue_run_without_fairseq(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(CONF.parent))
     assert proc.returncode == 0, proc.stderr
     assert "APError" in proc.stdout and "make install-fairseq" in proc.stdout
+
+
+def test_seed_sweeps_redraw_the_random_baseline():
+    assert pruning_config(compose_cfg(["pruning=random90", "seed=7", "paths.output_dir=/tmp/x"])).seed == 7
+    assert pruning_config(compose_cfg(["pruning=random90", "seed=7", "pruning.seed=3",
+                                       "paths.output_dir=/tmp/x"])).seed == 3
+
+
+@pytest.mark.parametrize("data,name", [("lm_sample", "lm_sample"), ("wikitext103", "wikitext103"),
+                                       ("wikitext2", "wikitext2")])
+def test_lm_task_name_says_the_data_set(data, name):
+    assert compose_cfg([f"data={data}", "paths.output_dir=/tmp/x"]).task.name == name
+
+
+def test_run_directories_of_jobs_started_in_the_same_second_differ():
+    """The run and sweep folder names carry the process id (jobs in one second used to share a folder)."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra_cfg = compose(config_name="config", return_hydra_config=True).hydra
+    for key in ("run.dir", "sweep.dir"):
+        value = OmegaConf.select(hydra_cfg, key)
+        assert value.endswith(f"_{os.getpid()}"), (key, value)

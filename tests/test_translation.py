@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
 pytest.importorskip("fairseq", reason="task=wmt needs fairseq: `make install-fairseq` (make test installs it)")
 
@@ -274,7 +275,7 @@ def test_configs_compose_after_import_fairseq() -> None:
 
     hydra_init()  # what `import fairseq` does: its primary `config` and groups (model/, task/, ...) in the ConfigStore
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(ConfigCompositionException, match="Error merging 'config' with schema"):
             compose_cfg(["task=wmt"])  # the clash this test guards against
     finally:
         register_configs()  # what run.py does (and the translation task after importing fairseq)

@@ -16,14 +16,14 @@ from ap.core.errors import APError
 
 
 def _build_lm(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    dm = instantiate(cfg.data)
+    dm = instantiate(cfg.data, seed=cfg.seed)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     module = instantiate(cfg.task.module, model=model, vocab_size=dm.vocab_size, _convert_="all")  # plain hparams
     return dm, module
 
 
 def _build_glue(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    dm = instantiate(cfg.data, task=cfg.task.name, tokenizer=cfg.model.name_or_path)
+    dm = instantiate(cfg.data, task=cfg.task.name, tokenizer=cfg.model.name_or_path, seed=cfg.seed)
     module = instantiate(cfg.task.module, name_or_path=cfg.model.name_or_path, task=cfg.task.name,
                          max_seq_len=cfg.data.max_seq_len, backend=cfg.model.backend, _convert_="all")
     return dm, module

@@ -14,18 +14,24 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ap.data import wikitext
+from ap.data import loaders, wikitext
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
 
 
 class LMDataModule(pl.LightningDataModule):
-    """``wiki.{train,valid,test}.tokens`` from ``dir`` as contiguous blocks of ``block_len`` tokens."""
+    """``wiki.{train,valid,test}.tokens`` from ``dir`` as contiguous blocks of ``block_len`` tokens.
+
+    Under DDP each rank trains on its share of a seeded shuffle and evaluates every ``world``-th block
+    (``ap.data.loaders``); calibration reads all training blocks in one ``seed``-shuffled order.
+    """
 
     def __init__(self, dir: str, block_len: int = 128, batch_size: int = 32, eval_batch_size: int = 64,
-                 max_vocab: Optional[int] = None, num_workers: int = 0, missing_hint: str = "") -> None:
+                 max_vocab: Optional[int] = None, num_workers: int = 0, missing_hint: str = "", name: str = "",
+                 seed: int = 0) -> None:
         super().__init__()
         self.dir, self.block_len, self.batch_size, self.eval_batch_size = Path(dir), block_len, batch_size, eval_batch_size
-        self.max_vocab, self.num_workers = max_vocab, num_workers
+        self.max_vocab, self.num_workers, self.seed = max_vocab, num_workers, seed
+        self.name = name or self.dir.name
         self.missing_hint = missing_hint or f"put WikiText-format files in {dir} (see scripts/prepare_data.py)"
         self.vocab: Optional[wikitext.Vocab] = None
         self.ids: dict[str, Tensor] = {}
@@ -43,22 +49,25 @@ class LMDataModule(pl.LightningDataModule):
         self.setup()
         return len(self.vocab)
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int, keep_last: bool) -> DataLoader:
-        ds = wikitext.LMBlocks(self.ids[split], self.block_len, keep_last=keep_last)
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, drop_last=False)
+    def _blocks(self, split: str) -> wikitext.LMBlocks:
+        return wikitext.LMBlocks(self.ids[split], self.block_len, keep_last=split != "train")
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, batch_size=self.batch_size, keep_last=False)
+        return loaders.train_loader(self._blocks("train"), self.batch_size, *loaders.rank_world(self), seed=self.seed,
+                                    num_workers=self.num_workers)
 
     def calibration_dataloader(self) -> DataLoader:
-        """The train split in a fixed order (so DDP ranks can shard it by batch index)."""
-        return self._loader("train", shuffle=False, batch_size=self.eval_batch_size, keep_last=False)
+        """Every train block in one fixed shuffled order (a ``calibration_batches`` cap samples the whole split)."""
+        return loaders.calibration_loader(self._blocks("train"), self.eval_batch_size, seed=self.seed,
+                                          num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", shuffle=False, batch_size=self.eval_batch_size, keep_last=True)
+        return loaders.eval_loader(self._blocks("valid"), self.eval_batch_size, *loaders.rank_world(self),
+                                   num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, batch_size=self.eval_batch_size, keep_last=True)
+        return loaders.eval_loader(self._blocks("test"), self.eval_batch_size, *loaders.rank_world(self),
+                                   num_workers=self.num_workers)
 
 
 class LanguageModelTask(pl.LightningModule):
