@@ -8,7 +8,8 @@ from ap.config import check, pruning_config
 from ap.core import APError
 from conftest import CONF, compose_cfg
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+# task_trainer/ holds settings for one task with one trainer, chosen by conf/config.yaml (composed in its own test)
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "task_trainer"))
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -109,3 +110,13 @@ def test_run_directories_of_jobs_started_in_the_same_second_differ():
     for key in ("run.dir", "sweep.dir"):
         value = OmegaConf.select(hydra_cfg, key)
         assert value.endswith(f"_{os.getpid()}"), (key, value)
+
+
+def test_debug_trainer_picks_task_specific_smoke_settings():
+    """trainer=debug shrinks every stage; for translation conf/task_trainer/wmt_debug.yaml also makes evaluation
+    greedy on small batches (beam search of an untrained model runs to the length limit)."""
+    debug = compose_cfg(["task=wmt", "trainer=debug", "paths.output_dir=/tmp/x"])
+    assert debug.trainer.max_steps == 3 and debug.task.module.beam == 1 and debug.data.eval_max_tokens == 1024
+    full = compose_cfg(["task=wmt", "paths.output_dir=/tmp/x"])
+    assert full.trainer.max_steps is None and full.task.module.beam == 5 and full.data.eval_max_tokens == 8192
+    assert compose_cfg(["trainer=debug", "paths.output_dir=/tmp/x"]).data.get("eval_max_tokens") is None  # lm
