@@ -333,6 +333,18 @@ def test_loads_a_fairseq_train_checkpoint(dm: TranslationDataModule, fairseq_che
         TranslationTask(dm2.task, checkpoint=str(fairseq_checkpoint))
 
 
+def test_unreadable_fairseq_checkpoint_is_one_error_line(tmp_path: Path) -> None:
+    from ap.models.fairseq_mt import load_checkpoint
+
+    bad = tmp_path / "checkpoint_best.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(APError, match=f"model.checkpoint={bad} could not be read as a fairseq checkpoint"):
+        load_checkpoint(bad, task=None)
+    torch.save([1, 2], bad)
+    with pytest.raises(APError, match="is not a fairseq checkpoint"):
+        load_checkpoint(bad, task=None)
+
+
 WMT_TINY = ["task=wmt", "pruning=ap50", "model.args.encoder_layers=1", "model.args.decoder_layers=1",
             "model.args.encoder_embed_dim=32", "model.args.decoder_embed_dim=32",
             "model.args.encoder_ffn_embed_dim=64", "model.args.decoder_ffn_embed_dim=64",

@@ -268,7 +268,14 @@ def load_checkpoint(path: str | Path, task: Any) -> tuple[nn.Module, argparse.Na
     path = Path(path)
     if not path.is_file():
         raise APError(f"model.checkpoint={path} does not exist; point it at a fairseq checkpoint (.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, corrupt or not a torch file
+        why = (str(e).strip().splitlines() or [""])[0][:120]
+        raise APError(f"model.checkpoint={path} could not be read as a fairseq checkpoint ({type(e).__name__}: "
+                      f"{why}); point it at a checkpoint of fairseq-train") from None
+    if not isinstance(state, dict):
+        raise APError(f"model.checkpoint={path} is not a fairseq checkpoint (a {type(state).__name__}, not a dict)")
     cfg = state.get("cfg") or {}
     model_cfg = cfg.get("model") if hasattr(cfg, "get") else None
     if model_cfg is None and state.get("args") is not None:
