@@ -3,7 +3,7 @@
 
     python scripts/benchmark.py                                  # CPU, L = 1024 2048, sparsity 0.5 0.9
     python scripts/benchmark.py --lengths 2048 4096 --sparsity 0.9 --device cuda --backward
-    python scripts/benchmark.py --lengths --masks outputs/lm/ap90/masks.pt   # an LM run's own masks, whole model
+    python scripts/benchmark.py --lengths --masks outputs/lm_sample/ap90/<run>/masks.pt   # an LM run's own masks, whole model
 
 Masks are causal tile masks (``--tile`` = the flex tile): the diagonal tiles are kept, a random ``sparsity`` share of
 the other valid tiles is emptied (``--masks``: a run's masks instead, for the whole-LM rows). Attention inputs are
