@@ -121,9 +121,7 @@ def check_user_files(cfg: DictConfig, pruning: PruningConfig, module: pl.Lightni
         MaskSet.load(pruning.masks_path).validate(module.model)
     if pruning.stats_path:
         AttentionStats.load(pruning.stats_path).validate(module.model, source=f"statistics {pruning.stats_path}")
-    if pruning.dense_ckpt:
-        load_checkpoint(pruning.dense_ckpt, "pruning.dense_ckpt", module)
-    if cfg.ckpt_path:
+    if cfg.ckpt_path:  # (pruning.dense_ckpt is loaded, and so checked, before any stage runs)
         state = restored_callback_state(load_checkpoint(cfg.ckpt_path, "ckpt_path", module))
         if callback is None and state:
             raise APError(f"ckpt_path={cfg.ckpt_path} is a fine-tune checkpoint of a pruning run "
@@ -132,7 +130,8 @@ def check_user_files(cfg: DictConfig, pruning: PruningConfig, module: pl.Lightni
             if not state:
                 raise APError(f"ckpt_path={cfg.ckpt_path} holds no AP masks: resume a pruning run from its "
                               f"checkpoints/finetune/last.ckpt, or start from dense weights with pruning.dense_ckpt")
-            callback.load_state_dict(state)  # checks the masks' model and config against this run
+            callback.load_state_dict(state)  # checks the masks' pruning settings against this run's
+            callback.masks.validate(module.model)
 
 
 def restored_callback_state(ckpt: dict[str, Any]) -> Optional[dict[str, Any]]:
