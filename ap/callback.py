@@ -11,6 +11,10 @@ Masks travel in Lightning checkpoints (``state_dict``, with ``carried``: whateve
 back, e.g. metrics of earlier stages) and are re-installed on resume; restored masks made with another pruning config
 (sparsity, kinds, scope, policy, block size) are an error naming both.
 
+``train_seed``: re-seed (``seed_everything``) once the masks exist, right before training (and before ``reinit``), so
+a run that calibrated and one that reused ``stats_path``/``masks_path`` train identically from identical masks
+(iterating the calibration loader advances the global RNG).
+
 Calibration is one epoch over the train split as the trainer defines it: ``limit_train_batches`` caps it like a
 training epoch (``trainer=debug``), and so does ``calibration_batches``; the smaller wins.
 
@@ -52,13 +56,14 @@ class AttentionPruning(pl.Callback):
         output_dir: Optional[str] = None,
         heatmaps: bool = True,
         config: Optional[dict[str, Any]] = None,
+        train_seed: Optional[int] = None,
     ) -> None:
         self.sparsity, self.scope, self.block_size, self.policy, self.seed = sparsity, scope, block_size, policy, seed
         self.kinds = sorted(kinds) if kinds is not None else None  # None = every kind (or the keys of a dict target)
         self.calibration_batches, self.reinit = calibration_batches, reinit
         self.masks_path, self.stats_path = masks_path, stats_path
         self.output_dir = Path(output_dir) if output_dir else None
-        self.heatmaps, self.config = heatmaps, config or {}
+        self.heatmaps, self.config, self.train_seed = heatmaps, config or {}, train_seed
         self.masks: Optional[MaskSet] = None
         self.stats: Optional[AttentionStats] = None
         self.timing: dict[str, float] = {}
@@ -73,6 +78,8 @@ class AttentionPruning(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.prepare(trainer, pl_module)
+        if self.train_seed is not None:  # the same random stream whether the masks were computed or reused
+            pl.seed_everything(self.train_seed, workers=True, verbose=False)
         if self.reinit and not self._restored and not self._reinitialized:
             _require(pl_module, "reinitialize", "pruning.reinit=true")
             pl_module.reinitialize()

@@ -158,7 +158,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             block_size=pruning.block_size, policy=pruning.policy.value, seed=pruning.seed,
             calibration_batches=pruning.calibration_batches, reinit=pruning.reinit, masks_path=pruning.masks_path,
             stats_path=pruning.stats_path, output_dir=str(out), heatmaps=pruning.heatmaps,
-            config=resolved(cfg.pruning))
+            config=resolved(cfg.pruning), train_seed=cfg.seed)
     check_user_files(cfg, pruning, module, callback)
     timing: dict[str, float] = {}
     results: dict[str, Any] = {"task": cfg.task.type, "task_name": cfg.task.name, "pruning": pruning.name,
@@ -206,7 +206,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         log.info("Stage finetune: calibrate, threshold, train with masks")
         module.lr = cfg.task.finetune.lr
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same batches as the baseline
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)  # (the callback re-seeds once the masks exist)
         trainer = make_trainer(cfg, "finetune", [callback], kind="finetune")
         if not (cfg.ckpt_path or pruning.reinit):  # the pruned model before fine-tuning (masks are made here)
             results["pruned_before_finetune_metrics"] = trainer.validate(module, dm, verbose=False)[0]
