@@ -35,7 +35,9 @@ class Policy(str, Enum):
 
 @dataclass
 class PruningConfig:
-    name: str = "none"  # label in results and output paths
+    # label in results and run directories; by default derived from policy and sparsity (ap90, random50, none), so a
+    # sweep over pruning.sparsity labels each point by its own value
+    name: str = "${ap.pruning_name:${.policy},${.sparsity}}"
     policy: Policy = Policy.none
     sparsity: float = 0.0  # fraction of valid attention entries to prune, in [0, 1)
     # per site kind, e.g. `pruning.kind_sparsity.cross=0.3`; null = `sparsity`
@@ -82,10 +84,17 @@ class PruningConfig:
         return sorted(k for k in self.kinds if not isinstance(target, dict) or k in target)
 
 
+def pruning_name(policy: Any, sparsity: float) -> str:
+    """The default label of a pruning config: ``none``, or policy + percent pruned (``ap90``, ``random37.5``)."""
+    policy = getattr(policy, "value", policy)
+    return "none" if policy == "none" else f"{policy}{round(100 * float(sparsity), 2):g}"
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(group="pruning", name="schema", node=PruningConfig)
     # `${ap.pid:}` in run directory names (conf/hydra/default.yaml): jobs started in the same second never share one
     OmegaConf.register_new_resolver("ap.pid", os.getpid, replace=True)
+    OmegaConf.register_new_resolver("ap.pruning_name", pruning_name, replace=True)
     forget_fairseq_configs()
 
 

@@ -141,7 +141,20 @@ def restored_callback_state(ckpt: dict[str, Any]) -> Optional[dict[str, Any]]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run every stage the config asks for; returns (and writes) the results dict."""
+    """Run every stage the config asks for; returns (and writes) the results dict.
+
+    The wandb run (``logger=wandb``) is finished at the end of the job, so the next job of a local multirun starts its
+    own run instead of logging into this one.
+    """
+    try:
+        return run_stages(cfg)
+    finally:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
+
+
+def run_stages(cfg: DictConfig) -> dict[str, Any]:
     check(cfg)
     pruning = pruning_config(cfg)
     out = Path(cfg.paths.output_dir)

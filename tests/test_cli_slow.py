@@ -67,3 +67,21 @@ def test_multirun_sweep_writes_one_result_per_point(tiny_data, tmp_path):
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
     assert sorted(r["pruning"] for r in results) == ["ap50", "random50"]
     assert all(abs(r["sparsity_achieved"] - 0.5) < 0.01 for r in results)
+
+
+def test_each_job_gets_its_own_wandb_run(tiny_cfg, tmp_path, monkeypatch):
+    """Two jobs in one process (a local multirun): the second logs to a new wandb run, not into the first one."""
+    import wandb
+
+    from ap.run import run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for job in ("a", "b"):
+        run(tiny_cfg("logger=wandb", "task.dense.max_steps=2", "task.finetune.max_steps=1",
+                     "dense_finetune_baseline=false", out=tmp_path / job))
+        assert wandb.run is None  # finished at the end of the job
+        (run_dir,) = (tmp_path / job / "wandb").glob("offline-run-*")
+        ids.append(run_dir.name.rsplit("-", 1)[-1])
+    assert ids[0] != ids[1]

@@ -120,3 +120,12 @@ def test_debug_trainer_picks_task_specific_smoke_settings():
     full = compose_cfg(["task=wmt", "paths.output_dir=/tmp/x"])
     assert full.trainer.max_steps is None and full.task.module.beam == 5 and full.data.eval_max_tokens == 8192
     assert compose_cfg(["trainer=debug", "paths.output_dir=/tmp/x"]).data.get("eval_max_tokens") is None  # lm
+
+
+@pytest.mark.parametrize("overrides,name", [(["pruning=ap90"], "ap90"), (["pruning=ap90", "pruning.sparsity=0.3"], "ap30"),
+                                            (["pruning=random50", "pruning.sparsity=0.375"], "random37.5"),
+                                            (["pruning=none"], "none"), (["pruning=ap90", "pruning.name=mine"], "mine")])
+def test_pruning_label_follows_policy_and_sparsity_unless_set(overrides, name):
+    """`-m pruning.sparsity=0.3,0.6` used to label every point ap90 (folders and results)."""
+    cfg = compose_cfg([*overrides, "paths.output_dir=/tmp/x"])
+    assert cfg.pruning.name == pruning_config(cfg).name == name
