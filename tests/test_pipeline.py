@@ -294,3 +294,16 @@ def test_reused_statistics_train_exactly_like_computed_ones(tiny_cfg, tmp_path, 
     reused = run(tiny_cfg(*common, f"pruning.stats_path={tmp_path / 'computed/stats.pt'}", out=tmp_path / "reused"))
     assert "calibrate_s" in computed["timing"] and "calibrate_s" not in reused["timing"]
     assert reused["metrics"] == computed["metrics"]  # bitwise
+
+
+def test_pruned_model_and_dense_ft_baseline_train_on_the_same_batches(tiny_cfg, tmp_path):
+    """With nothing pruned the fine-tune stage repeats the dense+ft baseline step for step: both start from the same
+    random state (the callback re-seeds once the masks exist), whatever calibration and validation drew before."""
+    import csv
+
+    run(tiny_cfg("pruning=ap50", "pruning.sparsity=0.0", "task.finetune.max_steps=5", "logger=csv",
+                 "trainer.log_every_n_steps=1", out=tmp_path / "r"))
+    losses = {stage: [float(row["train/loss"]) for row in csv.DictReader(open(tmp_path / f"r/csv/{stage}/metrics.csv"))
+                      if row.get("train/loss")] for stage in ("dense_ft", "finetune")}
+    assert len(losses["finetune"]) == 5
+    assert losses["finetune"] == pytest.approx(losses["dense_ft"], rel=1e-5)
