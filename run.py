@@ -1,10 +1,13 @@
 """Run one ap experiment: `python run.py [group=option ...] [key=value ...]` (see conf/config.yaml and README.md)."""
 
+import os
+
 import hydra
 from omegaconf import DictConfig
 
-from ap.config import register_configs
+from ap.config import launch_stamp, register_configs
 
+os.environ.setdefault("AP_LAUNCH", launch_stamp())  # run/sweep folder name, shared with the workers and ranks it starts
 register_configs()
 
 

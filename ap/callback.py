@@ -3,8 +3,9 @@
 Attach it to the trainer of the fine-tune stage. At ``on_fit_start`` (or at the start of a ``trainer.validate`` run
 before ``fit``, to measure the pruned model before fine-tuning) it
 1. gets a ``MaskSet``: restored from a resumed checkpoint, loaded from ``masks_path``, thresholded from saved
-   statistics (``stats_path``), or calibrated: one pass over the train split (eval mode, no gradients), statistics
-   all-reduced across DDP ranks, then thresholded;
+   statistics (``stats_path``, or what ``stats_provider`` returns: ``ap.stages`` serves them from the stage cache), or
+   calibrated: one pass over the train split (eval mode, no gradients), statistics all-reduced across DDP ranks, then
+   thresholded;
 2. writes ``stats.pt``, ``masks.pt`` and heatmaps into ``output_dir`` (rank zero; existing files are never overwritten);
 3. re-initialises the weights if ``reinit`` (the paper's LM/MT recipe), and installs the masks into every site.
 Masks travel in Lightning checkpoints (``state_dict``, with ``carried``: whatever the caller wants a resumed run to get
@@ -29,7 +30,7 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
@@ -68,6 +69,8 @@ class AttentionPruning(pl.Callback):
         self.stats: Optional[AttentionStats] = None
         self.timing: dict[str, float] = {}
         self.carried: dict[str, Any] = {}  # saved with the masks in checkpoints, restored on resume
+        # optional: called with the calibration function, returns the statistics (ap.stages: from the stage cache)
+        self.stats_provider: Optional[Callable[[Callable[[], AttentionStats]], AttentionStats]] = None
         self._restored = self._reinitialized = self._written = False
 
     # --- stages ------------------------------------------------------------------------------------------------
@@ -98,6 +101,8 @@ class AttentionPruning(pl.Callback):
                 if self.stats_path:
                     self.stats = AttentionStats.load(self.stats_path)
                     log.info(f"AttentionPruning: statistics loaded from {self.stats_path}")
+                elif self.stats_provider is not None:
+                    self.stats = self.stats_provider(lambda: self.calibrate(trainer, pl_module))
                 else:
                     t0 = time.perf_counter()
                     self.stats = self.calibrate(trainer, pl_module)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -90,10 +91,17 @@ def pruning_name(policy: Any, sparsity: float) -> str:
     return "none" if policy == "none" else f"{policy}{round(100 * float(sparsity), 2):g}"
 
 
+def launch_stamp() -> str:
+    """``<time>_<process id>`` of the ``run.py`` process that started this job (``AP_LAUNCH``, set by ``run.py`` and
+    inherited by what it starts: joblib and submitit workers, the DDP ranks Lightning starts by re-running the command
+    line), so they all find the same run and sweep folders; two commands started in the same second never share one."""
+    return os.environ.get("AP_LAUNCH") or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(group="pruning", name="schema", node=PruningConfig)
-    # `${ap.pid:}` in run directory names (conf/hydra/default.yaml): jobs started in the same second never share one
-    OmegaConf.register_new_resolver("ap.pid", os.getpid, replace=True)
+    # `${ap.launch:}` in run and sweep directory names (conf/hydra/default.yaml)
+    OmegaConf.register_new_resolver("ap.launch", launch_stamp, replace=True)
     OmegaConf.register_new_resolver("ap.pruning_name", pruning_name, replace=True)
     forget_fairseq_configs()
 

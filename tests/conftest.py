@@ -50,6 +50,23 @@ def compose_cfg(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_stage_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The stage cache (paths.cache_dir, via AP_CACHE_DIR) of module-scoped fixtures: never the repository's data/."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AP_CACHE_DIR", str(tmp_path_factory.mktemp("stage_cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def stage_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test starts with an empty stage cache of its own (subprocesses inherit it through AP_CACHE_DIR)."""
+    path = tmp_path / "stage_cache"
+    monkeypatch.setenv("AP_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_wikitext(tmp_path_factory.mktemp("data") / "tiny")
