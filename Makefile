@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # --no-build-isolation against the torch installed here (compiles C++/Cython once, about 2 minutes on 2 cores).
 FAIRSEQ ?= fairseq-fixed==0.12.3.1
 
-.PHONY: install install-fairseq install-hf install-test data data-glue data-wmt demo demo-glue demo-wmt bench test test-fast clean
+.PHONY: install install-fairseq install-hf install-sweep install-test data data-glue data-wmt demo demo-glue demo-wmt bench test test-fast clean
 
 install:
 	$(if $(TORCH),$(PIP) install $(TORCH))
@@ -23,8 +23,13 @@ install-fairseq:
 install-hf: install
 	$(PIP) install -e ".[hf,minilm]"
 
+# Hydra launchers (joblib, submitit/SLURM) and the Optuna sweeper: `python run.py hparams_search=lm_finetune_lr`,
+# `python run.py experiment=sweep_lm_sample hydra/launcher=local_parallel` (conf/hydra/launcher/, conf/hparams_search/)
+install-sweep: install
+	$(PIP) install -e ".[sweep]"
+
 install-test: install
-	$(PIP) install -e ".[test,hf]"
+	$(PIP) install -e ".[test,hf,sweep]"
 
 data:
 	$(PYTHON) scripts/prepare_data.py lm_sample
