@@ -42,7 +42,8 @@ import yaml
 from matplotlib.figure import Figure
 
 # columns that say which setting a run belongs to (with the seed and the run, the rest are measurements)
-SETTING = ["task", "task_name", "model", "policy", "pruning", "target", "kinds", "scope", "block_size", "reinit"]
+SETTING = ["task", "task_name", "model", "policy", "pruning", "target", "kinds", "scope", "block_size", "reinit",
+           "finetune"]
 # metric dicts of results.json -> column prefix
 METRIC_SOURCES = {"metrics": "", "pruned_before_finetune_metrics": "pre/", "dense_metrics": "dense/",
                   "dense_finetuned_metrics": "dense_ft/"}
@@ -211,6 +212,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="folders searched for results.json (sweeps, outputs/)")
     parser.add_argument("--out", type=Path, help="output folder (default: <first folder>/collected)")
     parser.add_argument("--csv", type=Path, help="also write runs.csv to this file")
+    parser.add_argument("--wandb", action="store_true",
+                        help="log the summary table and the curves to wandb (a job_type=collect run in the runs' group)")
     args = parser.parse_args(argv)
     missing = [str(f) for f in args.folders if not f.is_dir()]
     try:
@@ -224,7 +227,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.csv.write_text(paths["runs"].read_text())
     print(paths["summary_md"].read_text())
     print(f"written to {paths['runs'].parent}: " + ", ".join(p.name for p in paths.values()))
+    if args.wandb:
+        log_to_wandb(args.folders, paths)
     return 0
+
+
+def log_to_wandb(folders: list[Path], paths: dict[str, Path]) -> None:
+    """A ``job_type=collect`` wandb run in the group (and project) the runs logged to: summary table and curve PNGs."""
+    import wandb
+
+    settings = {}
+    for run_dir in _run_dirs(folders):
+        results = run_dir / "results.json"
+        if results.is_file():
+            node = ((json.loads(results.read_text()).get("config") or {}).get("logger") or {}).get("wandb") or {}
+            settings = {k: node[k] for k in ("project", "group") if node.get(k)}
+            if settings:
+                break
+    run = wandb.init(**settings, job_type="collect", name=f"{settings.get('group', 'runs')}/collect",
+                     dir=str(paths["runs"].parent))
+    run.log({"summary": wandb.Table(dataframe=pd.read_csv(paths["summary_csv"])),
+             **{p.stem: wandb.Image(str(p)) for p in paths.values() if p.suffix == ".png"}})
+    run.finish()
 
 
 # --- reading one run -------------------------------------------------------------------------------------------------
@@ -252,6 +276,7 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
         "scope": pruning_cfg.get("scope") if policy != "none" else None,
         "block_size": pruning_cfg.get("block_size") if policy != "none" else None,
         "reinit": pruning_cfg.get("reinit") if policy != "none" else None,
+        "finetune": r.get("finetune", pruning_cfg.get("finetune", True)) if policy != "none" else None,
         "baseline": r.get("baseline"),
     }
     row.update({f"target/{k}": v for k, v in (pruning_cfg.get("kind_sparsity") or {}).items() if v is not None})

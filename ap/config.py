@@ -32,6 +32,7 @@ class Policy(str, Enum):
     none = "none"  # dense baseline: no masks
     ap = "ap"  # prune the entries with the lowest mean calibrated attention probability
     random = "random"  # prune random entries, same sparsity per scope (baseline)
+    sink_window = "sink_window"  # static pattern: the first keys (sinks) + a local window, same sparsity (baseline)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class PruningConfig:
     seed: int = II("seed")  # random policy; follows the run's `seed` (a seed sweep redraws the random baseline)
     calibration_batches: Optional[int] = None  # cap on calibration batches (null = one full train epoch, the paper)
     reinit: bool = False  # re-initialise weights and train from scratch with masks (the paper's LM/MT recipe)
+    finetune: bool = True  # false = training-free: dense -> calibrate -> masks -> evaluate (no fine-tuning, no dense+ft)
     masks_path: Optional[str] = None  # use a saved masks.pt: skips calibration and thresholding
     stats_path: Optional[str] = None  # threshold a saved stats.pt at this sparsity: skips calibration
     dense_ckpt: Optional[str] = None  # load dense weights from this Lightning checkpoint: skips dense training
@@ -138,6 +140,9 @@ def pruning_config(cfg: DictConfig) -> PruningConfig:
 def check(cfg: DictConfig) -> None:
     """Checks that Hydra's type system cannot express; raises ``APError`` with the key to fix."""
     pruning_config(cfg)
+    pruning = cfg.pruning
+    if not pruning.get("finetune", True) and pruning.get("reinit"):
+        raise APError("pruning.reinit=true trains the pruned model from scratch: it needs pruning.finetune=true")
     if cfg.get("ckpt_path") and cfg.pruning.get("dense_ckpt"):
         raise APError("give either ckpt_path (resume a run) or pruning.dense_ckpt (start from dense weights), not both")
 

@@ -15,7 +15,8 @@ def results_table(results: dict[str, Any]) -> str:
     if results.get("pruned_before_finetune_metrics"):
         rows.append((f"{results['pruning']} (no ft)", results["pruned_before_finetune_metrics"],
                      results["sparsity_achieved"]))
-    rows.append((results["pruning"], results["metrics"], results["sparsity_achieved"]))
+    label = results["pruning"] + (" (training-free)" if results.get("finetune") is False else "")
+    rows.append((label, results["metrics"], results["sparsity_achieved"]))
     names = sorted({k for _, m, _ in rows for k in m if not k.endswith("/loss")}, key=lambda k: (k.startswith("test"), k))
     width = max(8, *(len(r[0]) for r in rows))
     lines = [f"{results['task_name']}: " + " vs ".join(r[0] for r in rows),
@@ -24,8 +25,9 @@ def results_table(results: dict[str, Any]) -> str:
         cells = "  ".join(f"{metrics[n]:>10.3f}" if n in metrics else f"{'-':>10}" for n in names)
         lines.append(f"{label:<{width}}  {cells}  {sparsity:>8.1%}")
     if results.get("baseline"):
-        lines.append(f"baseline: {results['baseline']}" + (" (pruning.reinit: the pruned model was trained from "
-                                                          "scratch)" if results["baseline"] == "dense" else ""))
+        why = ("" if results["baseline"] != "dense" else " (pruning.finetune=false: masks applied without training)"
+               if results.get("finetune") is False else " (pruning.reinit: the pruned model was trained from scratch)")
+        lines.append(f"baseline: {results['baseline']}{why}")
     if len(results.get("sparsity_per_kind") or {}) > 1:
         lines.append("pruned per kind: " + ", ".join(f"{k} {v:.1%}" for k, v in results["sparsity_per_kind"].items()))
     timing = results.get("timing", {})

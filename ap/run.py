@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ap import stages
 from ap.cache import StageCache
@@ -76,9 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         return run_stages(cfg)
     finally:
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and wandb.run is not None:
-            wandb.finish()
+        stages.finish_wandb()
 
 
 def run_stages(cfg: DictConfig) -> dict[str, Any]:
@@ -124,15 +122,25 @@ def write_results(s: RunState) -> dict[str, Any]:
         (s.out / "results.json").write_text(json.dumps(results, indent=2))
         print(results_table(results))
         print(f"results: {s.out / 'results.json'}")
+        stages.log_results_to_wandb(s)
     return results
 
 
-def cli_main(cfg: DictConfig) -> float:
-    """``run`` for the command line: user errors become one line on stderr and exit code 2."""
+def cli_main(cfg: DictConfig) -> float | list[float]:
+    """``run`` for the command line: user errors become one line on stderr and exit code 2. Returns what Hydra
+    sweepers optimise: ``task.optimized_metric``, a final metric (``val/ppl``) or a top-level number of the results
+    (``sparsity_achieved``), or a list of them for a multi-objective search (``[val/ppl, sparsity_achieved]``)."""
     try:
         results = run(cfg)
     except APError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    name = cfg.task.optimized_metric or next((k for k in results["metrics"] if k.startswith("val/")), None)
-    return results["metrics"].get(name, float("nan"))
+    names = cfg.task.optimized_metric or next((k for k in results["metrics"] if k.startswith("val/")), None)
+    if OmegaConf.is_list(names):
+        return [objective(results, n) for n in names]
+    return objective(results, names)
+
+
+def objective(results: dict[str, Any], name: Optional[str]) -> float:
+    value = results["metrics"].get(name, results.get(name)) if name else None
+    return float("nan") if value is None else float(value)

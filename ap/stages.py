@@ -21,6 +21,7 @@ import copy
 import inspect
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,18 +67,58 @@ class RunState:
 
 # --- trainers and evaluation --------------------------------------------------------------------------------------
 def stage_loggers(cfg: DictConfig, stage: str) -> list[Logger]:
-    """The loggers of ``cfg.logger`` for one stage: a CSV logger writes ``csv/<stage>/``, others prefix metric names."""
+    """The loggers of ``cfg.logger`` for one stage: a CSV logger writes ``csv/<stage>/``; wandb starts one run per
+    stage (``job_type`` = the stage, runs of a job and of a sweep share ``group``); others prefix metric names."""
     loggers = []
     for node in cfg.logger.values():
         cls = get_class(node._target_)
         if issubclass(cls, CSVLogger) and node.get("version") is None:
             loggers.append(instantiate(node, version=stage))
+        elif cls.__name__ == "WandbLogger":
+            finish_wandb()  # the previous stage's run
+            loggers.append(instantiate(node, name=f"{node.name}/{stage}", job_type=stage))
         elif "prefix" in inspect.signature(cls).parameters:
             loggers.append(instantiate(node, prefix=stage))
         else:
             raise APError(f"logger {node._target_} takes no `prefix`: ap cannot keep its stages apart; use logger=csv "
                           f"or logger=wandb")
     return loggers
+
+
+def finish_wandb() -> None:
+    """End the current wandb run, if any (the next stage or job starts its own)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+def log_results_to_wandb(s: RunState) -> None:
+    """``logger=wandb``: one more run of the job's group (``job_type=results``) with the results as its summary, the
+    results table, masks.pt as an artifact (type ``ap-masks``) and the mask heatmaps as images."""
+    node = s.cfg.logger.get("wandb")
+    if node is None:
+        return
+    import wandb
+
+    finish_wandb()
+    skip = ("name", "save_dir", "offline", "log_model", "prefix", "job_type")  # WandbLogger's own, or set here
+    kwargs = {k: v for k, v in resolved(node).items() if not k.startswith("_") and k not in skip}
+    run = wandb.init(**kwargs, name=f"{node.name}/results", job_type="results", dir=node.save_dir,
+                     mode="offline" if node.get("offline") else None, config=resolved(s.cfg))
+    flat = {f"{group}/{k}": v for group in ("dense_metrics", "dense_finetuned_metrics",
+                                            "pruned_before_finetune_metrics", "metrics")
+            for k, v in s.results.get(group, {}).items()}
+    run.summary.update({**flat, "sparsity_achieved": s.results.get("sparsity_achieved", 0.0)})
+    masks = s.out / "masks.pt"
+    if masks.is_file():
+        artifact = wandb.Artifact(f"masks-{s.cfg.task.name}-{s.pruning.name}", type="ap-masks",
+                                  metadata={"sparsity_achieved": s.results.get("sparsity_achieved")})
+        artifact.add_file(str(masks))
+        run.log_artifact(artifact)
+    heatmaps = sorted((s.out / "heatmaps").glob("*.png"))
+    if heatmaps:
+        run.log({"heatmaps": [wandb.Image(str(p), caption=p.stem) for p in heatmaps]})
+    run.finish()
 
 
 def make_trainer(cfg: DictConfig, stage: str, callbacks: Optional[list] = None, kind: str = "") -> pl.Trainer:
@@ -97,10 +138,11 @@ def make_trainer(cfg: DictConfig, stage: str, callbacks: Optional[list] = None, 
                       default_root_dir=cfg.paths.output_dir, enable_checkpointing=bool(kind), **kwargs)
 
 
-def evaluate(cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataModule, stage: str) -> dict[str, float]:
+def evaluate(cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataModule, stage: str,
+             callbacks: Optional[list] = None) -> dict[str, float]:
     """Validation (and test, where the task has labelled test data) metrics, on the trainer's devices (DDP: each
     rank evaluates its share of the examples, reduced over ranks)."""
-    trainer = make_trainer(cfg, stage)
+    trainer = make_trainer(cfg, stage, callbacks)
     metrics: dict[str, float] = {}
     outputs = trainer.validate(module, dm, verbose=False)
     if is_overridden("test_step", module):  # GLUE test sets have no labels: validation only
@@ -248,7 +290,7 @@ def dense_finetune_baseline(s: RunState) -> None:
     cfg, pruning, module, dm = s.cfg, s.pruning, s.module, s.dm
     if not pruning.enabled:
         return
-    if pruning.reinit:
+    if pruning.reinit or not pruning.finetune:  # from scratch, or training-free: compared with the dense model
         s.results["baseline"] = "dense"
         if cfg.task.dense.max_steps != cfg.task.finetune.max_steps:
             log.warning(f"pruning.reinit=true trains the pruned model from scratch for {cfg.task.finetune.max_steps} "
@@ -309,12 +351,16 @@ def finetune(s: RunState) -> None:
     cfg, pruning, module, dm, callback = s.cfg, s.pruning, s.module, s.dm, s.callback
     if callback is None:
         return
+    s.results["finetune"] = pruning.finetune
     if pruning.masks_path or pruning.stats_path:
         s.stages["calibrate"] = {"status": "given", "entry": pruning.masks_path or pruning.stats_path}
     elif cfg.ckpt_path:
         s.stages["calibrate"] = {"status": "resumed"}
     elif s.dense_key:
         callback.stats_provider = calibration_provider(s)
+    if not pruning.finetune:  # training-free: the final evaluation makes the masks (the callback) and measures them
+        log.info("Stage finetune: skipped (pruning.finetune=false: training-free)")
+        return
     t0 = time.perf_counter()
     log.info("Stage finetune: calibrate, threshold, train with masks")
     module.lr = cfg.task.finetune.lr
@@ -349,10 +395,18 @@ CARRIED = ("dense_metrics", "dense_finetuned_metrics", "pruned_before_finetune_m
 
 
 def final_evaluate(s: RunState) -> None:
-    """Stage 5: evaluate the final model (for ``pruning=none`` the dense model's metrics are the final ones)."""
+    """Stage 5: evaluate the final model (for ``pruning=none`` the dense model's metrics are the final ones; training-
+    free, the callback calibrates and installs the masks at the start of this evaluation)."""
     if not s.pruning.enabled and "dense_metrics" in s.results:
         s.results["metrics"] = s.results["dense_metrics"]
         return
+    training_free = s.callback is not None and not s.pruning.finetune
     t0 = time.perf_counter()
-    s.results["metrics"] = evaluate(s.cfg, s.module, s.dm, "final_eval")
-    s.timing["evaluate_s"] = time.perf_counter() - t0
+    before = dict(s.timing)
+    s.results["metrics"] = evaluate(s.cfg, s.module, s.dm, "final_eval", [s.callback] if training_free else None)
+    if training_free:
+        s.timing.update(s.callback.timing)
+        if "calibrate" not in s.stages and "calibrate_s" in s.callback.timing:
+            s.stages["calibrate"] = {"status": "ran"}
+    made = sum(v for k, v in s.timing.items() if k not in before)
+    s.timing["evaluate_s"] = time.perf_counter() - t0 - made

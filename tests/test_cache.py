@@ -210,3 +210,18 @@ def test_pruning_none_reuses_the_dense_stage(tiny_cfg, tmp_path):
     assert dense["stages"]["dense"]["status"] == "reused" and dense["metrics"] == pruned["dense_metrics"]
     saved = json.loads((tmp_path / "b/results.json").read_text())
     assert saved["stages"]["dense"]["entry"] == pruned["stages"]["dense"]["entry"]
+
+
+def test_training_free_mode_evaluates_the_masked_dense_model(tiny_cfg, tmp_path):
+    """pruning.finetune=false: dense -> calibrate -> masks -> evaluate; its metrics are those of the dense weights
+    under the masks, i.e. what a fine-tuning run measures before fine-tuning (and it reuses that run's stages)."""
+    tuned = run(tiny_cfg("pruning=ap70", out=tmp_path / "a"))
+    free = run(tiny_cfg("pruning=ap70", "pruning.finetune=false", out=tmp_path / "b"))
+    assert free["finetune"] is False and free["baseline"] == "dense" and "dense_finetuned_metrics" not in free
+    assert "pruned_before_finetune_metrics" not in free and not (tmp_path / "b/checkpoints/finetune").exists()
+    for metric, value in tuned["pruned_before_finetune_metrics"].items():
+        assert free["metrics"][metric] == value, metric
+    assert free["metrics"]["val/ppl"] != free["dense_metrics"]["val/ppl"]  # the masks were applied
+    assert free["stages"]["calibrate"]["status"] == "reused" and (tmp_path / "b/masks.pt").is_file()
+    with pytest.raises(APError, match="needs pruning.finetune=true"):
+        run(tiny_cfg("pruning=ap70", "pruning.finetune=false", "pruning.reinit=true", out=tmp_path / "c"))

@@ -57,7 +57,8 @@ def test_wandb_logger_works_offline_without_account(tiny_data, tmp_path):
                    env_extra={"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "run/wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    # one run per stage (dense, dense_eval, finetune, final_eval) and one for the results
+    assert len(runs) == 5 and all(any(r.rglob("*.wandb")) for r in runs)
 
 
 def test_multirun_sweep_writes_one_result_per_point(tiny_data, tmp_path):
@@ -69,19 +70,32 @@ def test_multirun_sweep_writes_one_result_per_point(tiny_data, tmp_path):
     assert all(abs(r["sparsity_achieved"] - 0.5) < 0.01 for r in results)
 
 
-def test_each_job_gets_its_own_wandb_run(tiny_cfg, tmp_path, monkeypatch):
-    """Two jobs in one process (a local multirun): the second logs to a new wandb run, not into the first one."""
+def test_wandb_runs_per_stage_share_the_group_and_each_job_gets_its_own(tiny_cfg, tmp_path, monkeypatch):
+    """Two jobs in one process (a local multirun): every stage its own wandb run (job_type = stage) in the launch's
+    group, never logging into an earlier job's run; masks.pt logged as an artifact by the results run."""
     import wandb
+    from wandb.sdk.wandb_run import Run
 
     from ap.run import run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("AP_LAUNCH", "sweep-x")
+    inits, artifacts = [], []
+    real_init, real_log_artifact = wandb.init, Run.log_artifact
+    monkeypatch.setattr(wandb, "init", lambda *a, **kw: inits.append(kw) or real_init(*a, **kw))
+    monkeypatch.setattr(Run, "log_artifact", lambda self, art, *a, **kw: artifacts.append(art.type)
+                        or real_log_artifact(self, art, *a, **kw))
     ids = []
     for job in ("a", "b"):
-        run(tiny_cfg("logger=wandb", "task.dense.max_steps=2", "task.finetune.max_steps=1",
-                     "dense_finetune_baseline=false", out=tmp_path / job))
+        run(tiny_cfg("logger=wandb", "task.dense.max_steps=2", "task.finetune.max_steps=1", "pruning.heatmaps=true",
+                     f"task.finetune.lr={0.001 if job == 'a' else 0.002}", out=tmp_path / job))
         assert wandb.run is None  # finished at the end of the job
-        (run_dir,) = (tmp_path / job / "wandb").glob("offline-run-*")
-        ids.append(run_dir.name.rsplit("-", 1)[-1])
-    assert ids[0] != ids[1]
+        ids.append({d.name.rsplit("-", 1)[-1] for d in (tmp_path / job / "wandb").glob("offline-run-*")})
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert {kw.get("group") for kw in inits} == {"sweep-x"}
+    jobs = [kw.get("job_type") for kw in inits]
+    assert jobs[:6] == ["dense", "dense_eval", "dense_ft", "dense_ft_eval", "finetune", "final_eval"]
+    assert jobs[6] == "results"
+    assert jobs[7:] == ["dense_ft", "dense_ft_eval", "finetune", "final_eval", "results"]  # dense stage reused
+    assert artifacts == ["ap-masks", "ap-masks"]

@@ -90,3 +90,18 @@ def test_a_job_killed_during_dense_training_leaves_no_entry(tiny_data, tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "next/results.json").read_text())
     assert results["stages"]["dense"]["status"] == "ran" and entries(stage_cache, "dense") == 1
+
+
+def test_two_objective_search_returns_perplexity_and_sparsity(tiny_data, tmp_path):
+    """hparams_search=lm_max_sparsity: Optuna gets [val/ppl, sparsity_achieved] from every trial and keeps the front."""
+    import yaml
+
+    results, _ = sweep(tmp_path, tiny_data, "hparams_search=lm_max_sparsity", "hydra.sweeper.n_trials=3",
+                       "hydra.sweeper.sampler.n_startup_trials=2")
+    assert len(results) == 3 and len({r["pruning"] for r in results}) == 3
+    [folder] = (tmp_path / "multirun").iterdir()
+    front = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    assert front["name"] == "optuna" and front["solutions"]
+    measured = {(r["metrics"]["val/ppl"], r["sparsity_achieved"]) for r in results}
+    for solution in front["solutions"]:  # each point of the front is a trial's (val/ppl, sparsity_achieved)
+        assert tuple(solution["values"]) in measured
