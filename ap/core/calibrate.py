@@ -109,8 +109,10 @@ def make_maskset(
         sel = {n: m for n, m in masks.items() if stats.kinds[n] in targets}
         got = achieved_sparsity(sel, stats)["overall"]
         reached = [(f"target sparsity {float(sparsity):.1%}", float(sparsity), got)]
+    # sink_window moves in whole diagonal stripes (one window step), the other policies entry by entry
+    tolerance = 0.05 if policy == "sink_window" else 0.005
     for what, target, got in reached:
-        if got < target - 0.005:
+        if got < target - tolerance:
             warnings.warn(f"{what} is out of reach: achieved {got:.1%} (every query row keeps its best "
                           f"{'tile' if block_size else 'entry'}); use smaller pruning.block_size or longer sequences",
                           stacklevel=2)

@@ -4,11 +4,22 @@ For a target sparsity ``s`` the policy prunes the lowest-scoring *valid* entries
 entries, where each entry weighs as much as it was valid in the calibration data (its count). Fixed-length causal LM
 blocks make every lower-triangle entry equally weighted; with variable lengths, positions that real inputs rarely reach
 cannot buy sparsity. Scores: ``ap`` = the mean attention probability (the paper), ``random`` = a seeded random score
-(the baseline with the same sparsity per scope).
+(the baseline with the same sparsity per scope). ``sink_window`` is a static, input-independent baseline (the pattern
+of StreamingLLM): query ``i`` keeps key ``j`` iff ``j < sinks`` (attention sinks) or ``j`` is within a window of ``w``
+keys of ``i``: ``i - w < j <= i`` for causal sites (``dec_self``), the band ``|i - j| < w`` for ``enc_self`` and
+``cross`` (cross-attention around the aligned position ``j = i``). ``sinks`` is fixed (``SINKS``); the window ``w >= 1``
+(the diagonal is always kept) is sized per scope so that the pruned, count-weighted fraction of valid entries is the
+closest to the target (ties: the larger window), so it is met up to one window step (about one row's worth of
+entries per site). A target above what sinks + diagonal allow gives ``w = 1``, and the achieved sparsity says so.
+A row's best entry (kept below) is its nearest valid key, so a cross-attention row past the band keeps one.
 
 Scopes (which entries share one threshold): ``layer`` (one per site — the paper's default), ``head`` (one per site and
 head), ``global`` (one for every pruned site together, so sites with larger scores keep more; with per-kind targets
 ``{kind: sparsity}``, one per site kind).
+
+For ``sink_window``, ``scope="head"`` sizes the window per head but, as counts are per site, gives every head the
+same pattern; ``scope="global"`` is one window ``w`` for every pruned site together (one per kind with per-kind
+targets), the analogue of one threshold: sites with longer sequences lose more.
 
 Every query row that has valid entries keeps its best-scoring one (no all-masked softmax row); these forced entries
 count as kept, and the remaining candidates are pruned until the target is met, so the target is still hit exactly
@@ -29,7 +40,8 @@ from .sites import SiteKind
 from .stats import AttentionStats
 
 SCOPES = ("layer", "head", "global")
-POLICIES = ("ap", "random")
+POLICIES = ("ap", "random", "sink_window")
+SINKS = 4  # sink_window: the first SINKS keys every query keeps (StreamingLLM's attention sinks)
 
 
 def _prune_lowest(scores: Tensor, weights: Tensor, protected: Tensor, sparsity: float) -> Tensor:
@@ -48,6 +60,31 @@ def _prune_lowest(scores: Tensor, weights: Tensor, protected: Tensor, sparsity: 
     pruned = torch.zeros_like(flat_w, dtype=torch.bool)
     pruned[order[:n]] = True
     return pruned.view(scores.shape)
+
+
+def _prune_beyond_window(dist: Tensor, weights: Tensor, protected: Tensor, sparsity: float) -> Tensor:
+    """Bool of ``dist.shape``: True for the candidates with ``dist >= w``, the window ``w >= 1`` whose pruned weight is
+    closest to ``sparsity`` × total weight (ties: the larger window, fewer pruned).
+
+    ``dist`` holds integer distances to the diagonal; candidates are as in ``_prune_lowest``. Entries at one distance
+    are pruned or kept together (a window, unlike a threshold, cannot split them).
+    """
+    flat_d, flat_w = dist.reshape(-1), weights.reshape(-1)
+    target = sparsity * float(flat_w.sum())
+    cand = (flat_w > 0) & ~protected.reshape(-1)
+    hist = torch.bincount(flat_d[cand], flat_w[cand], minlength=2)  # (D,) candidate weight per distance
+    beyond = hist.flip(0).cumsum(0).flip(0)  # (D,) beyond[w] = weight pruned by window w
+    pruned_by = torch.cat([beyond[1:], beyond.new_zeros(1)])  # (D,) pruned by w = 1..D (w = D keeps everything)
+    gap = (pruned_by - target).abs()  # (D,)
+    w = 1 + int((gap == gap.min()).nonzero().max())  # the closest cut; on ties the larger window
+    return (cand & (flat_d >= w)).view(dist.shape)
+
+
+def _distances(kind: SiteKind, q: int, k: int) -> Tensor:
+    """``(q, k)`` int64 distance of key ``j`` from query ``i``: ``i - j`` (causal; the future is never valid) or
+    ``|i - j|`` (a band, for ``enc_self`` and ``cross``)."""
+    d = torch.arange(q)[:, None] - torch.arange(k)[None, :]  # (q, k)
+    return d.clamp(min=0) if kind.causal else d.abs()
 
 
 def block_sparsity(masks: dict[str, Tensor], stats: AttentionStats, block_size: int) -> dict[str, float]:
@@ -98,6 +135,7 @@ def build_masks(
     sites: Optional[Iterable[str]] = None,
     block_size: int = 0,
     kinds: Optional[Iterable[str]] = None,
+    sinks: int = SINKS,
 ) -> dict[str, Tensor]:
     """Masks ``{site: (H, Q, K) bool, True = keep}`` pruning ``sparsity`` of each scope's valid entries.
 
@@ -111,6 +149,9 @@ def build_masks(
     its valid entries. Self-attention sites always keep their diagonal tiles (every query keeps its own and its
     nearest keys); cross-attention block rows keep their best tile. The target is met up to the weight of one tile,
     unless the kept diagonal alone exceeds ``1 - sparsity`` (short sequences, big tiles): then everything else is pruned.
+    ``policy="sink_window"`` keeps the first ``sinks`` keys and a window sized per scope (see the module docstring);
+    with ``block_size`` the same pattern on tiles: the first ``ceil(sinks / block_size)`` key tiles and a window of
+    tiles around the diagonal tiles, sized on the tiles' weights.
     """
     if scope not in SCOPES:
         raise APError(f"unknown pruning scope {scope!r}; choose one of {SCOPES}")
@@ -123,17 +164,23 @@ def build_masks(
 
     if block_size < 0:
         raise APError(f"block_size must be >= 0 (0 = element-wise), got {block_size}")
+    if sinks < 0:
+        raise APError(f"sinks must be >= 0 (the first keys every query keeps under sink_window), got {sinks}")
 
     # Units that are pruned or kept as a whole: entries (H, Q, K), or tiles (H, Q/bs, K/bs) with block_size.
     gen = torch.Generator().manual_seed(seed)
     weights = {n: stats.count[n].expand_as(stats.sum[n]) for n in names}  # (H, Q, K)
     if block_size:
         weights = {n: tile_sum(w, block_size) for n, w in weights.items()}  # (H, Qb, Kb)
+    dist: dict[str, Tensor] = {}  # sink_window: each unit's distance (in units) to the diagonal, (H, Qu, Ku)
     if policy == "ap":
         scores = {n: (tile_sum(stats.sum[n], block_size) / weights[n].clamp(min=1) if block_size else stats.mean(n))
                   for n in names}
-    else:
+    elif policy == "random":
         scores = {n: torch.rand(weights[n].shape, generator=gen, dtype=torch.float64) for n in names}
+    else:  # sink_window: the nearest unit is the best
+        dist = {n: _distances(SiteKind(stats.kinds[n]), *weights[n].shape[1:]).expand_as(weights[n]) for n in names}
+        scores = {n: -d.double() for n, d in dist.items()}
     pruned = {n: torch.zeros_like(weights[n], dtype=torch.bool) for n in names}
     protected = {n: _row_best(scores[n], weights[n] > 0) for n in names}  # each (block) row's best valid unit
     if block_size:  # self-attention: the diagonal tiles instead
@@ -141,6 +188,11 @@ def build_masks(
             if SiteKind(stats.kinds[n]) is not SiteKind.CROSS:
                 diag = torch.eye(*weights[n].shape[1:], dtype=torch.bool).expand_as(weights[n])  # (H, Qb, Kb)
                 protected[n] = diag & (weights[n] > 0)
+    if policy == "sink_window":  # the sink keys (tiles holding one) are always kept
+        n_sink = -(-sinks // block_size) if block_size else sinks
+        for n in names:
+            sink = torch.arange(weights[n].shape[-1]) < n_sink  # (Ku,)
+            protected[n] = protected[n] | (sink & (weights[n] > 0))
 
     # Group the entries that share a threshold.
     groups: list[tuple[float, list[tuple[str, Optional[int]]]]] = []
@@ -161,10 +213,14 @@ def build_masks(
         return t[n] if h is None else t[n][h]
 
     for s, members in groups:
-        cat_s = torch.cat([part(scores, n, h).reshape(-1) for n, h in members])
         cat_w = torch.cat([part(weights, n, h).reshape(-1) for n, h in members])
         cat_k = torch.cat([part(protected, n, h).reshape(-1) for n, h in members])
-        cat_p = _prune_lowest(cat_s, cat_w, cat_k, s)
+        if policy == "sink_window":  # one window for the group
+            cat_d = torch.cat([part(dist, n, h).reshape(-1) for n, h in members])
+            cat_p = _prune_beyond_window(cat_d, cat_w, cat_k, s)
+        else:  # one threshold for the group
+            cat_s = torch.cat([part(scores, n, h).reshape(-1) for n, h in members])
+            cat_p = _prune_lowest(cat_s, cat_w, cat_k, s)
         offset = 0
         for n, h in members:
             view = part(pruned, n, h)
