@@ -2,6 +2,8 @@
 
 A site holds no parameters. A model computes ``q, k, v`` with its own projections and calls its site; the site
 - applies the installed AP mask (if any), aligned to *real token positions* whatever the padding side,
+- applies its sliding window (if any): a query at real position ``i`` sees only keys ``j`` with ``i - window < j <= i``
+  (the model's own local attention, e.g. Gemma3's or Mistral's sliding-window layers),
 - runs the configured backend (``ap.core.attention``),
 - during calibration hands the attention probabilities to a recorder (``AttentionStats``).
 
@@ -58,13 +60,23 @@ def real_positions(padding: Optional[Tensor], length: int, offset: int | Tensor 
 
 
 class AttentionSite(nn.Module):
-    """An attention call site of ``kind`` with ``n_heads`` heads over at most ``max_q`` queries × ``max_k`` keys."""
+    """An attention call site of ``kind`` with ``n_heads`` heads over at most ``max_q`` queries × ``max_k`` keys.
 
-    def __init__(self, kind: SiteKind | str, n_heads: int, max_q: int, max_k: int, backend: str = "sdpa") -> None:
+    ``sliding_window`` (causal sites only): each query sees its own key and the ``sliding_window - 1`` keys before it,
+    in real positions (transformers' ``sliding_window_overlay``: ``kv_idx > q_idx - sliding_window``). Keys outside
+    the window are never attended and never valid in calibration. None: every earlier key.
+    """
+
+    def __init__(self, kind: SiteKind | str, n_heads: int, max_q: int, max_k: int, backend: str = "sdpa",
+                 sliding_window: Optional[int] = None) -> None:
         super().__init__()
         self.kind = SiteKind(kind)
         self.n_heads, self.max_q, self.max_k = n_heads, max_q, max_k
         self.backend = backend
+        if sliding_window is not None and (not self.kind.causal or sliding_window < 1):
+            raise MaskError(f"a sliding window needs a causal (dec_self) site and a window of at least 1 key; got "
+                            f"{self.kind.value} with sliding_window={sliding_window}")
+        self.sliding_window = sliding_window
         self.name = ""  # bound by find_sites
         self.recorder: Optional[Recorder] = None
         # (H, Q, K) bool, True = keep. A plain attribute, not a buffer: DDP would re-broadcast buffers every step
@@ -114,6 +126,7 @@ class AttentionSite(nn.Module):
         q_padding: Optional[Tensor] = None,
         k_padding: Optional[Tensor] = None,
         q_offset: Optional[int | Tensor] = None,
+        k_offset: Optional[int | Tensor] = None,
         dropout_p: float = 0.0,
         scale: Optional[float] = None,
     ) -> Tensor:
@@ -122,9 +135,11 @@ class AttentionSite(nn.Module):
         ``scale`` defaults to ``1/sqrt(D)``. ``q_offset``: real position of the first real query, an int or per row
         ``(B, 1)`` (a padded incremental step: the new queries follow each row's own real cached keys). Default for
         self-attention without query padding: the new queries follow the row's real cached keys; otherwise 0.
+        ``k_offset``: real position of the first real key, an int or per row ``(B, 1)`` (a sliding-window cache that
+        dropped its oldest keys); default 0.
         """
         tq, tk = q.shape[-2], k.shape[-2]
-        k_pos = real_positions(k_padding, tk, 0, q.device)  # (1|B, Tk)
+        k_pos = real_positions(k_padding, tk, 0 if k_offset is None else k_offset, q.device)  # (1|B, Tk)
         if q_padding is None and q_offset is None and self.kind is not SiteKind.CROSS:
             # new queries follow the real (cached) keys of their own row: per-row offsets under key padding
             q_pos = (k_pos.max(dim=1, keepdim=True).values + 1 - tq) + torch.arange(tq, device=q.device)  # (1|B, Tq)
@@ -133,6 +148,9 @@ class AttentionSite(nn.Module):
         padded = q_padding is not None or k_padding is not None
 
         mask = self._aligned_mask(q_pos, k_pos) if self.mask is not None else None  # (1|B, H, Tq, Tk)
+        band = self._band(q_pos, k_pos)  # (1|B, 1, Tq, Tk) or None: the sliding window
+        if band is not None:
+            mask = band if mask is None else mask & band
         is_causal = self.kind.causal
         if padded:  # express padding and causality in real positions, as one bool mask
             keep = (k_pos >= 0)[:, None, None, :] & (q_pos >= 0)[:, None, :, None]  # (B, 1, Tq, Tk)
@@ -166,6 +184,16 @@ class AttentionSite(nn.Module):
             self.recorder(self, probs, q_pos, k_pos)
         return out
 
+    def _band(self, q_pos: Tensor, k_pos: Tensor) -> Optional[Tensor]:
+        """The sliding window at real positions, ``(1|B, 1, Tq, Tk)`` bool (True = inside), or None when it cuts no key.
+
+        Queries of a causal site are among its keys, so no two real positions of a call are more than ``Tk - 1``
+        apart: with ``Tk <= sliding_window`` the window cuts nothing (no mask, the fused causal kernel stays).
+        """
+        if self.sliding_window is None or k_pos.shape[-1] <= self.sliding_window:
+            return None
+        return q_pos[:, None, :, None] - k_pos[:, None, None, :] < self.sliding_window  # (1|B, 1, Tq, Tk)
+
     @staticmethod
     def _window_keep(mask: Optional[Tensor], is_causal: bool, q_pos: Tensor, k_pos: Tensor, window: tuple) -> Tensor:
         """The window's keep-mask with causality folded in: ``(1, H|1, Tq, Tk)``."""
@@ -184,7 +212,7 @@ class AttentionSite(nn.Module):
         else:
             if window not in self._empty_tiles:
                 keep = self._window_keep(mask, is_causal, q_pos, k_pos, window)[0]  # (H|1, Tq, Tk)
-                valid = self._window_keep(None, is_causal, q_pos, k_pos, window)[0]  # (1, Tq, Tk)
+                valid = self._window_keep(self._band(q_pos, k_pos), is_causal, q_pos, k_pos, window)[0]  # (1, Tq, Tk)
                 empty, total = empty_tiles(keep, valid.expand_as(keep), FLEX_BLOCK_SIZE)
                 self._empty_tiles[window] = empty / total
             big = window[3] >= AUTO_SPARSE_MIN_LEN and self._empty_tiles[window] >= AUTO_SPARSE_MIN_EMPTY
@@ -199,7 +227,9 @@ class AttentionSite(nn.Module):
 
     def extra_repr(self) -> str:
         masked = "masked" if self.mask is not None else "dense"
-        return f"{self.kind.value}, heads={self.n_heads}, max={self.max_q}x{self.max_k}, backend={self.backend}, {masked}"
+        window = f", sliding_window={self.sliding_window}" if self.sliding_window is not None else ""
+        return (f"{self.kind.value}, heads={self.n_heads}, max={self.max_q}x{self.max_k}, backend={self.backend}"
+                f"{window}, {masked}")
 
 
 def find_sites(model: nn.Module) -> dict[str, AttentionSite]:

@@ -1,15 +1,17 @@
 """``AttentionStats``: running mean of attention probabilities per site × head × query position × key position.
 
-Entries are accumulated at *real token positions* (padding removed, whatever its side); padding queries/keys and
-causal-future entries add nothing. Each entry keeps its own count, so ``mean = sum / count`` divides by how often that
-entry was valid, not by the number of batches. The count is the same for every head of a site, so it is stored once
-per site as ``(Q, K)``. Sums are float64 so that merging and all-reducing do not depend on summation order in practice.
+Entries are accumulated at *real token positions* (padding removed, whatever its side); padding queries/keys,
+causal-future entries and, at a sliding-window site, keys outside the window (``i - j >= window``) add nothing: their
+count stays 0, so thresholding (which weighs entries by count) and achieved sparsity ignore them. Each entry keeps its
+own count, so ``mean = sum / count`` divides by how often that entry was valid, not by the number of batches. The
+count is the same for every head of a site, so it is stored once per site as ``(Q, K)``. Sums are float64 so that
+merging and all-reducing do not depend on summation order in practice.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -39,11 +41,14 @@ class AttentionStats:
     def record(self, site: AttentionSite, probs: Tensor, q_pos: Tensor, k_pos: Tensor) -> None:
         """Recorder for ``AttentionSite``: add one batch of ``probs (B, H, Tq, Tk)`` at positions ``(1|B, T)``."""
         self.add_site(site.name, site.kind, site.n_heads, site.max_q, site.max_k)
-        self.update(site.name, probs, q_pos, k_pos)
+        self.update(site.name, probs, q_pos, k_pos, window=site.sliding_window)
 
     @torch.no_grad()
-    def update(self, name: str, probs: Tensor, q_pos: Tensor, k_pos: Tensor) -> None:
-        """Accumulate ``probs (B, H, Tq, Tk)``; ``q_pos (1|B, Tq)``, ``k_pos (1|B, Tk)`` are real positions, -1 = pad."""
+    def update(self, name: str, probs: Tensor, q_pos: Tensor, k_pos: Tensor, window: Optional[int] = None) -> None:
+        """Accumulate ``probs (B, H, Tq, Tk)``; ``q_pos (1|B, Tq)``, ``k_pos (1|B, Tk)`` are real positions, -1 = pad.
+
+        ``window``: the site's sliding window; an entry is valid only if ``q_pos - k_pos < window``.
+        """
         total, count = self.sum[name], self.count[name]
         causal = SiteKind(self.kinds[name]).causal
         n_heads, max_q, max_k = total.shape
@@ -57,6 +62,8 @@ class AttentionStats:
             valid = torch.ones(tq, tk, dtype=torch.bool, device=probs.device)  # (Tq, Tk)
             if causal:
                 valid = torch.tril(valid)
+            if window is not None:
+                valid = torch.triu(valid, diagonal=1 - window)  # key j >= i - window + 1
             w = valid.to(torch.float64)
             total[:, :tq, :tk] += (probs.sum(dim=0) * w).cpu()  # (H, Tq, Tk)
             count[:tq, :tk] += (w * probs.shape[0]).cpu()
@@ -66,6 +73,8 @@ class AttentionStats:
         valid = (qp >= 0)[:, :, None] & (kp >= 0)[:, None, :]  # (B, Tq, Tk)
         if causal:
             valid &= kp[:, None, :] <= qp[:, :, None]
+        if window is not None:
+            valid &= qp[:, :, None] - kp[:, None, :] < window
         bi, qi, ki = valid.nonzero(as_tuple=True)  # (N,) each
         flat = (qp[bi, qi] * max_k + kp[bi, ki]).cpu()  # (N,) index into (Q*K)
         vals = probs[bi, :, qi, ki].cpu()  # (N, H)
