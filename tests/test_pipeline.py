@@ -273,15 +273,17 @@ def test_cli_corrupt_file_is_one_error_line_with_exit_code_2(tmp_path, tiny_data
     assert "Traceback" not in proc.stderr
 
 
-def test_wandb_stages_are_prefixed(tiny_cfg, tmp_path):
-    """Loggers without per-stage folders (wandb) keep stages apart by a metric-name prefix."""
+def test_wandb_stages_are_runs_of_their_own(tiny_cfg, tmp_path):
+    """wandb keeps stages apart as runs of one group (job_type = stage); prefix-only loggers get the stage prefix."""
     from pytorch_lightning.loggers import WandbLogger
 
     from ap.run import stage_loggers
 
     cfg = tiny_cfg("logger=wandb", "logger.wandb.offline=true", out=tmp_path / "r")
     (dense,), (final,) = stage_loggers(cfg, "dense"), stage_loggers(cfg, "final_eval")
-    assert isinstance(dense, WandbLogger) and dense._prefix == "dense" and final._prefix == "final_eval"
+    assert isinstance(dense, WandbLogger) and dense._prefix == "" and final._prefix == ""
+    assert dense._wandb_init["job_type"] == "dense" and final._wandb_init["job_type"] == "final_eval"
+    assert dense._wandb_init["group"] == final._wandb_init["group"] and dense._wandb_init["name"].endswith("/dense")
 
 
 @pytest.mark.parametrize("reinit", [False, True])

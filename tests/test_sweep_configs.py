@@ -129,7 +129,11 @@ def test_search_composes_with_a_seeded_sampler_and_a_real_search_space(search):
     cfg = compose_full(f"hparams_search={search}")
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_ == OPTUNA and cfg.hydra.mode == RunMode.MULTIRUN
-    assert cfg.task.optimized_metric and str(sweeper.direction) in ("minimize", "maximize")
+    objectives = list(cfg.task.optimized_metric) if OmegaConf.is_list(cfg.task.optimized_metric) else [
+        cfg.task.optimized_metric]
+    directions = list(sweeper.direction) if OmegaConf.is_list(sweeper.direction) else [sweeper.direction]
+    assert all(objectives) and len(objectives) == len(directions)  # one direction per returned value
+    assert set(map(str, directions)) <= {"minimize", "maximize"}
     assert sweeper.n_trials >= 10 and sweeper.sampler.seed is not None
     sampler = instantiate(sweeper.sampler)  # optuna 2.10 accepts every sampler key
     assert type(sampler).__name__ == sweeper.sampler._target_.rsplit(".", 1)[1]
