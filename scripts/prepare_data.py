@@ -7,6 +7,7 @@
                                                           #                                      -> data/wmt_sample/
     python scripts/prepare_data.py wikitext103 --src DIR  # check + link a WikiText-103 download -> data/wikitext-103/
     python scripts/prepare_data.py wikitext2 --src DIR    # same for WikiText-2                 -> data/wikitext-2/
+    python scripts/prepare_data.py smollm2                # SmolLM2-135M-Instruct (packaged GGUF) -> data/smollm2/
 
 Existing prepared data is kept (use ``--force`` to rebuild).
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ap.core.errors import APError  # noqa: E402
-from ap.data import bible, glue, translation, wikitext  # noqa: E402
+from ap.data import bible, glue, smollm2, translation, wikitext  # noqa: E402
 
 WIKITEXT = {
     "wikitext103": ("wikitext-103", "https://www.salesforce.com/products/einstein/ai-research/the-wikitext-dependency-"
@@ -88,9 +89,21 @@ def prepare_wikitext(name: str, data_dir: Path, src: Path | None, force: bool) -
     print(f"{name} ready in {out}")
 
 
+def prepare_smollm2(data_dir: Path, force: bool) -> None:
+    out = data_dir / "smollm2"
+    if (out / "config.json").is_file() and not force:
+        print(f"smollm2 already prepared in {out} (--force rebuilds it)")
+        return
+    if force:
+        shutil.rmtree(out, ignore_errors=True)
+    gguf = smollm2.fetch_gguf(data_dir / "cache")
+    smollm2.convert(gguf, out)
+    print(f"smollm2 written to {out} (float32 safetensors, tokenizer): model.name_or_path={out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["lm_sample", "glue_sample", "wmt_sample", *WIKITEXT])
+    parser.add_argument("dataset", choices=["lm_sample", "glue_sample", "wmt_sample", "smollm2", *WIKITEXT])
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="data cache (config key paths.data_dir)")
     parser.add_argument("--src", type=Path, help="folder of an existing download (WikiText)")
     parser.add_argument("--force", action="store_true", help="rebuild even if prepared data exists")
@@ -102,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             prepare_glue_sample(args.data_dir, args.force)
         elif args.dataset == "wmt_sample":
             prepare_wmt_sample(args.data_dir, args.force)
+        elif args.dataset == "smollm2":
+            prepare_smollm2(args.data_dir, args.force)
         else:
             prepare_wikitext(args.dataset, args.data_dir, args.src, args.force)
     except APError as e:

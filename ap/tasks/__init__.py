@@ -45,8 +45,21 @@ def _build_wmt(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningMod
     return dm, module
 
 
+def _build_clm(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """A pretrained causal LM on a WikiText-format folder (any ``data=`` with a ``dir``), tokenized by the model."""
+    from ap.tasks.clm import CLMDataModule, resolve_causal_lm
+
+    resolve_causal_lm(cfg.model.name_or_path)  # a missing folder: one line naming the prepare command
+    data = OmegaConf.to_container(cfg.task.data, resolve=True)
+    dm = CLMDataModule(dir=cfg.data.dir, tokenizer=cfg.model.name_or_path, name=cfg.data.get("name") or "",
+                       missing_hint=cfg.data.get("missing_hint") or "", seed=cfg.seed, **data)
+    module = instantiate(cfg.task.module, name_or_path=cfg.model.name_or_path, max_seq_len=data["seq_len"],
+                         backend=cfg.model.backend, _convert_="all")
+    return dm, module
+
+
 BUILDERS: dict[str, Callable[[DictConfig], tuple[pl.LightningDataModule, pl.LightningModule]]] = {
-    "lm": _build_lm, "glue": _build_glue, "wmt": _build_wmt}
+    "lm": _build_lm, "glue": _build_glue, "wmt": _build_wmt, "clm": _build_clm}
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:

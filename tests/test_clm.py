@@ -1,0 +1,84 @@
+"""task=clm: a pretrained HF causal LM (here a tiny random Llama with grouped-query heads saved to a folder, with a
+word-level tokenizer) pruned training-free and with fine-tuning, through the real configs and pipeline."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from ap.core import APError
+from ap.data.wikitext import read_tokens
+from ap.run import run
+from ap.tasks.clm import CLMDataModule
+from conftest import compose_cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a tiny Llama (GQA: 4 heads, 2 KV heads) and a word-level tokenizer of the tiny corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted(set(read_tokens(tiny_data / "wiki.train.tokens")) - {"<eos>"})
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def clm_cfg(tiny_data: Path, model: Path, out: Path, *overrides: str):
+    return compose_cfg(["task=clm", f"model.name_or_path={model}", "data=lm_sample", f"data.dir={tiny_data}",
+                        "task.data.seq_len=24", "task.data.max_train_sequences=12", "task.data.max_eval_sequences=6",
+                        "task.finetune.max_steps=3", "task.module.warmup_steps=1", "logger=none",
+                        "trainer.enable_progress_bar=false", "pruning.heatmaps=false", f"paths.output_dir={out}",
+                        *overrides])
+
+
+def test_data_is_the_corpus_in_the_models_tokens(tiny_data, tiny_llama):
+    dm = CLMDataModule(str(tiny_data), str(tiny_llama), seq_len=24, max_train_sequences=5, seed=0)
+    dm.setup()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+    ids = tokenizer((tiny_data / "wiki.valid.tokens").read_text(), add_special_tokens=False)["input_ids"]
+    assert torch.equal(dm.data["valid"].seqs.flatten(), torch.tensor(ids[: len(ids) // 24 * 24]))
+    assert len(dm.data["train"]) == 5 and (dm.data["train"].seqs != 0).float().mean() > 0.99  # words are known
+    other = CLMDataModule(str(tiny_data), str(tiny_llama), seq_len=24, max_train_sequences=5, seed=1)
+    other.setup()
+    assert not torch.equal(other.data["train"].seqs, dm.data["train"].seqs)  # a seeded sample of the split
+
+
+def test_training_free_ap_evaluates_the_masked_pretrained_model(tiny_data, tiny_llama, tmp_path):
+    dense = run(clm_cfg(tiny_data, tiny_llama, tmp_path / "none", "pruning=none"))
+    free = run(clm_cfg(tiny_data, tiny_llama, tmp_path / "ap", "pruning=ap50", "pruning.finetune=false"))
+    assert free["stages"]["dense"]["status"] == "reused"  # the pretrained model's evaluation, from the none run
+    assert free["dense_metrics"]["val/ppl"] == dense["metrics"]["val/ppl"]
+    assert free["finetune"] is False and free["baseline"] == "dense"
+    assert abs(free["sparsity_achieved"] - 0.5) < 0.01 and free["metrics"]["val/ppl"] != dense["metrics"]["val/ppl"]
+    assert math.isclose(free["metrics"]["val/ppl"], math.exp(free["metrics"]["val/loss"]), rel_tol=1e-5)
+    assert free["metrics"]["val/tokens_per_s"] > 0 and "test/ppl" in free["metrics"]
+    meta = torch.load(tmp_path / "ap/masks.pt", weights_only=True)["meta"]
+    assert meta["calibration"]["tokens"] == 12 * 24  # the capped train sample, every position real
+    assert len(meta["model"]["sites"]) == 2 and all(s[1:] == ["dec_self", 4, 24, 24][1:]
+                                                    for s in meta["model"]["sites"].values())
+
+
+def test_fine_tuning_with_masks_and_the_baselines(tiny_data, tiny_llama, tmp_path):
+    tuned = run(clm_cfg(tiny_data, tiny_llama, tmp_path / "ft", "pruning=sink_window50"))
+    assert tuned["finetune"] is True and tuned["baseline"] == "dense+ft"
+    assert tuned["metrics"]["val/ppl"] != tuned["pruned_before_finetune_metrics"]["val/ppl"]
+    assert abs(tuned["sparsity_achieved"] - 0.5) < 0.05
+    with pytest.raises(APError, match="reinitialize"):
+        run(clm_cfg(tiny_data, tiny_llama, tmp_path / "re", "pruning=ap50", "pruning.reinit=true"))
+
+
+def test_a_missing_model_folder_names_the_prepare_command(tiny_data, tmp_path):
+    with pytest.raises(APError, match="prepare_data.py smollm2"):
+        run(clm_cfg(tiny_data, tmp_path / "data/smollm2", tmp_path / "x", "pruning=ap50"))
