@@ -28,6 +28,11 @@ KINDS = ("enc_self", "dec_self", "cross")  # attention site kinds (ap.core.SiteK
 Scope = Enum("Scope", {"layer": "layer", "head": "head", "global": "global"}, type=str)
 
 
+class Score(str, Enum):
+    mean = "mean"  # the mean calibrated probability of an entry (the paper)
+    row = "row"  # the mean times the number of valid keys in its query row (relative to a uniform row)
+
+
 class Policy(str, Enum):
     none = "none"  # dense baseline: no masks
     ap = "ap"  # prune the entries with the lowest mean calibrated attention probability
@@ -46,6 +51,7 @@ class PruningConfig:
     kind_sparsity: dict[str, Optional[float]] = field(default_factory=lambda: {k: None for k in KINDS})
     kinds: list[str] = field(default_factory=lambda: list(KINDS))  # site kinds to prune; the others stay dense
     scope: Scope = Scope.layer  # layer | head | global
+    score: Score = Score.mean  # ap's ranking: mean probability (the paper) | row (x valid keys of its row)
     block_size: int = 0  # 0 = element-wise masks; N > 0 = prune whole N x N tiles (what block-sparse kernels skip)
     seed: int = II("seed")  # random policy; follows the run's `seed` (a seed sweep redraws the random baseline)
     calibration_batches: Optional[int] = None  # cap on calibration batches (null = one full train epoch, the paper)

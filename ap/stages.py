@@ -256,7 +256,7 @@ def dense(s: RunState) -> None:
     def build(folder: Optional[Path]) -> None:
         timing = {}
         if pretrained:
-            log.info("Stage dense: not trained (the model was loaded trained: model.checkpoint)")
+            log.info("Stage dense: not trained (the model was loaded trained), evaluated")
         else:
             log.info("Stage dense: training")
             t0 = time.perf_counter()

@@ -82,6 +82,7 @@ def make_maskset(
     block_size: int = 0,
     report_block_size: int = 64,
     kinds: Optional[Iterable[str]] = None,
+    score: str = "mean",
 ) -> MaskSet:
     """Threshold ``stats`` into a ``MaskSet`` for ``model`` with the full mask-file metadata.
 
@@ -95,7 +96,8 @@ def make_maskset(
     kinds = kinds if kinds is None or isinstance(kinds, str) else list(kinds)  # iterated twice
     targets = kind_targets(sparsity, kinds)
     pruned_kinds = sorted(k for k in targets if k in stats.kinds.values())
-    masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed, block_size=block_size, kinds=kinds)
+    masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed, block_size=block_size, kinds=kinds,
+                        score=score)
     tile = block_size or report_block_size
     achieved = achieved_sparsity(masks, stats)
     by_kind = achieved_by_kind(masks, stats)
@@ -122,6 +124,7 @@ def make_maskset(
         "kinds": pruned_kinds,
         "scope": scope,
         "policy": policy,
+        "score": score,
         "seed": seed,
         "achieved": achieved,
         "achieved_kinds": by_kind,

@@ -41,6 +41,7 @@ from .stats import AttentionStats
 
 SCOPES = ("layer", "head", "global")
 POLICIES = ("ap", "random", "sink_window")
+SCORES = ("mean", "row")  # ap's score: the mean probability (the paper), or it times the row's number of valid keys
 SINKS = 4  # sink_window: the first SINKS keys every query keeps (StreamingLLM's attention sinks)
 
 
@@ -136,6 +137,7 @@ def build_masks(
     block_size: int = 0,
     kinds: Optional[Iterable[str]] = None,
     sinks: int = SINKS,
+    score: str = "mean",
 ) -> dict[str, Tensor]:
     """Masks ``{site: (H, Q, K) bool, True = keep}`` pruning ``sparsity`` of each scope's valid entries.
 
@@ -152,7 +154,12 @@ def build_masks(
     ``policy="sink_window"`` keeps the first ``sinks`` keys and a window sized per scope (see the module docstring);
     with ``block_size`` the same pattern on tiles: the first ``ceil(sinks / block_size)`` key tiles and a window of
     tiles around the diagonal tiles, sized on the tiles' weights.
+    ``score`` (``ap`` only): ``mean`` ranks entries by their mean probability (the paper); ``row`` by the mean times the
+    number of valid keys of the entry's query row, i.e. relative to a uniform row (causal row ``i`` has ``i + 1`` keys,
+    so raw means, about ``1/(i+1)``, would rank whole early rows above late ones). Tiles: the count-weighted mean.
     """
+    if score not in SCORES:
+        raise APError(f"unknown pruning score {score!r}; choose one of {SCORES}")
     if scope not in SCOPES:
         raise APError(f"unknown pruning scope {scope!r}; choose one of {SCOPES}")
     if policy not in POLICIES:
@@ -174,7 +181,10 @@ def build_masks(
         weights = {n: tile_sum(w, block_size) for n, w in weights.items()}  # (H, Qb, Kb)
     dist: dict[str, Tensor] = {}  # sink_window: each unit's distance (in units) to the diagonal, (H, Qu, Ku)
     if policy == "ap":
-        scores = {n: (tile_sum(stats.sum[n], block_size) / weights[n].clamp(min=1) if block_size else stats.mean(n))
+        sums = dict(stats.sum)  # (H, Q, K)
+        if score == "row":  # relative to a uniform row: times the row's number of valid keys
+            sums = {n: t * (stats.count[n] > 0).sum(-1, keepdim=True).to(t.dtype) for n, t in sums.items()}
+        scores = {n: (tile_sum(sums[n], block_size) if block_size else sums[n]) / weights[n].clamp(min=1)
                   for n in names}
     elif policy == "random":
         scores = {n: torch.rand(weights[n].shape, generator=gen, dtype=torch.float64) for n in names}
