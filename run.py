@@ -7,7 +7,6 @@ from omegaconf import DictConfig
 
 from ap.config import launch_stamp, register_configs
 
-os.environ.setdefault("AP_LAUNCH", launch_stamp())  # run/sweep folder name, shared with the workers and ranks it starts
 register_configs()
 
 
@@ -19,4 +18,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("AP_LAUNCH", launch_stamp())  # run/sweep folder name, shared with the workers and ranks it starts
     main()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -28,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from ap.core.errors import APError
 
+log = logging.getLogger(__name__)
 MARKER = "entry.json"
 # Top-level config keys that never change a stage's product: pruning and fine-tuning settings are added back by the
 # stages that depend on them (ap/stages.py), the rest is bookkeeping.
@@ -42,13 +44,18 @@ WAIT_S = float(os.environ.get("AP_CACHE_WAIT_S", 24 * 3600))  # how long a DDP r
 
 
 def global_rank() -> int:
-    """This process's global rank as launchers announce it in the environment (0 outside distributed runs):
-    ``RANK`` (torchrun), ``SLURM_PROCID``, or Lightning's ``NODE_RANK``/``LOCAL_RANK`` for the ranks it starts."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    local, node = int(os.environ.get("LOCAL_RANK") or 0), int(os.environ.get("NODE_RANK") or 0)
-    return local + node * 1000  # (only "zero or not" matters here)
+    """This process's global rank as launchers announce it in the environment (0 outside distributed runs): rank zero
+    only if every one of ``RANK`` (torchrun), ``SLURM_PROCID``, and Lightning's ``NODE_RANK``/``LOCAL_RANK`` is 0 or
+    unset (inside ``srun --pty`` Lightning's children inherit ``SLURM_PROCID=0`` but get ``LOCAL_RANK`` > 0)."""
+    ranks = [int(os.environ.get(var) or 0) for var in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")]
+    return next((r for r in ranks if r), 0)  # (only "zero or not" matters here)
+
+
+def attempt_id() -> str:
+    """Which attempt of a run a decision belongs to (a requeued SLURM job reuses its run folder)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("AP_LAUNCH") or "local"
 
 
 def fingerprint(path: Path) -> str:
@@ -132,21 +139,40 @@ class StageCache:
         final = self.root / stage / key
         if self.rank != 0:
             return self._follow(stage, key, final, build)
-        if (final / MARKER).is_file():
-            entry = Entry(stage, key, final, reused=True)
-        else:
-            (final.parent / ".locks").mkdir(parents=True, exist_ok=True)
-            with FileLock(str(final.parent / ".locks" / f"{key}.lock")):
-                if (final / MARKER).is_file():  # another job built it while we waited
-                    entry = Entry(stage, key, final, reused=True)
-                else:
-                    self._decide(stage, key, "build")
-                    self._build(stage, key, payload, build, final)
-                    entry = Entry(stage, key, final, reused=False)
-        if entry.reused:
-            self._decide(stage, key, "reuse")
+        try:
+            entry = self._fetch_as_rank_zero(stage, key, payload, build, final)
+        except BaseException:
+            self._decide(stage, key, "failed")  # the other ranks stop instead of waiting
+            raise
         verify(final)
         return entry
+
+    def _fetch_as_rank_zero(self, stage: str, key: str, payload: dict[str, Any],
+                            build: Callable[[Optional[Path]], None], final: Path) -> Entry:
+        if (final / MARKER).is_file():
+            self._decide(stage, key, "reuse")
+            return Entry(stage, key, final, reused=True)
+        (final.parent / ".locks").mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(final.parent / ".locks" / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=1)
+        except Timeout:
+            log.info(f"Stage {stage}: waiting for another job building {final}")
+            lock.acquire()
+        try:
+            if (final / MARKER).is_file():  # another job built it while we waited
+                self._decide(stage, key, "reuse")
+                return Entry(stage, key, final, reused=True)
+            for stale in (final.parent / ".tmp").glob(f"{key}-*"):  # of killed builders (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():
+                raise APError(f"stage cache folder {final} exists without {MARKER} (an unfinished or foreign "
+                              f"entry); delete it to recompute it")
+            self._decide(stage, key, "build")
+            self._build(stage, key, payload, build, final)
+            return Entry(stage, key, final, reused=False)
+        finally:
+            lock.release()
 
     # --- internals ---------------------------------------------------------------------------------------------
     def _build(self, stage: str, key: str, payload: dict[str, Any], build: Callable[[Optional[Path]], None],
@@ -159,7 +185,12 @@ class StageCache:
             (tmp / MARKER).write_text(json.dumps({"stage": stage, "key": key, "files": files, "payload": payload,
                                                   "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                   "run_dir": str(self.run_dir)}, indent=1, default=str))
-            os.replace(tmp, final)  # atomic: the entry appears complete or not at all
+            try:
+                os.replace(tmp, final)  # atomic: the entry appears complete or not at all
+            except OSError as e:
+                if not (final / MARKER).is_file():  # (built twice: a file system whose locks do not span nodes)
+                    raise APError(f"could not move the built {stage} entry to {final} ({e}); delete {final} if it "
+                                  f"is incomplete") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -167,20 +198,28 @@ class StageCache:
         return self.run_dir / ".stage_decisions" / stage
 
     def _decide(self, stage: str, key: str, what: str) -> None:
-        """Rank zero: record ``build``/``reuse`` of ``key`` for the other ranks of this run (if any)."""
+        """Rank zero: record ``build``/``reuse``/``failed`` of ``key`` for the other ranks of this attempt."""
         path = self._decision_file(stage)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".part").write_text(f"{what} {key}")
+        path.with_suffix(".part").write_text(f"{what} {key} {attempt_id()}")
         os.replace(path.with_suffix(".part"), path)
 
     def _follow(self, stage: str, key: str, final: Path, build: Callable[[Optional[Path]], None]) -> Entry:
-        """Ranks > 0: wait for rank zero's decision on ``key``; build along (writing nothing) or reuse."""
-        path, t0 = self._decision_file(stage), time.monotonic()
-        while not (path.is_file() and path.read_text().split()[-1] == key):
+        """Ranks > 0: wait for rank zero's decision of this attempt; build along (writing nothing) or reuse."""
+        path, t0, attempt = self._decision_file(stage), time.monotonic(), attempt_id()
+        while True:
+            words = path.read_text().split() if path.is_file() else []
+            if len(words) == 3 and words[2] == attempt:
+                break
             if time.monotonic() - t0 > WAIT_S:
                 raise APError(f"rank {self.rank}: no decision from rank zero on the {stage} stage in {path}")
             time.sleep(0.05)
-        what = path.read_text().split()[0]
+        what, theirs = words[0], words[1]
+        if what == "failed":
+            raise APError(f"rank {self.rank}: rank zero failed in the {stage} stage")
+        if theirs != key:
+            raise APError(f"rank {self.rank}: its {stage} cache key {key} differs from rank zero's {theirs} (data or "
+                          f"model files that differ between nodes?)")
         if what == "build":
             build(None)
         self._wait_for(final)

@@ -102,8 +102,14 @@ def pruning_name(policy: Any, sparsity: float) -> str:
 def launch_stamp() -> str:
     """``<time>_<process id>`` of the ``run.py`` process that started this job (``AP_LAUNCH``, set by ``run.py`` and
     inherited by what it starts: joblib and submitit workers, the DDP ranks Lightning starts by re-running the command
-    line), so they all find the same run and sweep folders; two commands started in the same second never share one."""
-    return os.environ.get("AP_LAUNCH") or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+    line), so they all find the same run and sweep folders; two commands started in the same second never share one.
+    Outside ``run.py``: this process's own stamp, the same for every call."""
+    global _STAMP
+    _STAMP = _STAMP or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+    return os.environ.get("AP_LAUNCH") or _STAMP
+
+
+_STAMP = ""
 
 
 def register_configs() -> None:

@@ -74,9 +74,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     own run instead of logging into this one.
     """
     try:
-        return run_stages(cfg)
-    finally:
-        stages.finish_wandb()
+        results = run_stages(cfg)
+    except BaseException:
+        stages.finish_wandb(exit_code=1)  # the stage that failed shows as failed
+        raise
+    stages.finish_wandb()
+    return results
 
 
 def run_stages(cfg: DictConfig) -> dict[str, Any]:
@@ -117,7 +120,8 @@ def write_results(s: RunState) -> dict[str, Any]:
                    sparsity_per_kind=callback.masks.meta.get("achieved_kinds", {}) if callback else {},
                    sparsity_per_site={k: v for k, v in achieved.items() if k != "overall"}, timing=s.timing,
                    stages=s.stages, config=resolved(s.cfg))
-    if not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):  # one writer under DDP
+    # one writer under DDP (ranks a launcher started may have run no trainer: no process group)
+    if s.cache.rank == 0 and not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / "results.json").write_text(json.dumps(results, indent=2))
         print(results_table(results))

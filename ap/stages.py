@@ -18,6 +18,8 @@ stage, evaluation included, runs on all ranks; the data modules give each rank i
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -85,11 +87,11 @@ def stage_loggers(cfg: DictConfig, stage: str) -> list[Logger]:
     return loggers
 
 
-def finish_wandb() -> None:
-    """End the current wandb run, if any (the next stage or job starts its own)."""
+def finish_wandb(exit_code: Optional[int] = None) -> None:
+    """End the current wandb run, if any (the next stage or job starts its own); ``exit_code=1`` marks it failed."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)
 
 
 def log_results_to_wandb(s: RunState) -> None:
@@ -152,12 +154,16 @@ def evaluate(cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataMo
     return metrics
 
 
-CKPT = "a Lightning checkpoint of an ap run (<run_dir>/checkpoints/<stage>/last.ckpt)"
+CKPT = ("a Lightning checkpoint of an ap run (<run_dir>/checkpoints/<stage>/last.ckpt) or the model.pt of a dense "
+        "stage cache entry")
 
 
 def load_checkpoint(path: str, key: str, module: pl.LightningModule) -> dict[str, Any]:
     """A checkpoint a user named (``key``), checked against ``module`` before anything runs."""
     ckpt = load_user_file(path, key, CKPT)
+    if key == "pruning.dense_ckpt" and isinstance(ckpt, dict) and ckpt and all(
+            isinstance(v, torch.Tensor) for v in ckpt.values()):
+        ckpt = {"state_dict": ckpt}  # a bare state_dict: the model.pt of a dense stage cache entry
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise APError(f"{key}={path} is not {CKPT}: it has no state_dict")
     check_state_dict(ckpt["state_dict"], module, f"{key}={path}")
@@ -180,8 +186,27 @@ def check_state_dict(state: dict[str, Any], module: pl.LightningModule, source: 
 
 
 # --- stage cache helpers ------------------------------------------------------------------------------------------
-def versions() -> dict[str, str]:
-    return {"ap": ap.__version__, "torch": torch.__version__}
+def versions() -> dict[str, Any]:
+    """What else determines every product: ap's own source (any edit of ap/ is a miss), the versions of the libraries
+    that compute it, and the GPUs a ``devices=auto`` trainer would use."""
+    from importlib import metadata
+
+    libs = {}
+    for name in ("torch", "pytorch-lightning", "transformers", "fairseq-fixed"):
+        try:
+            libs[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"ap": ap.__version__, "ap_source": _source_hash(), **libs, "cuda_devices": torch.cuda.device_count()}
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    root = Path(ap.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def dense_identity(cfg: DictConfig, pruning: PruningConfig) -> dict[str, Any]:

@@ -202,6 +202,9 @@ def test_given_files_skip_the_cache_for_what_they_replace(tiny_cfg, tmp_path):
                          out=tmp_path / "b"))
     assert given["stages"]["dense"]["status"] == "given" and given["stages"]["calibrate"]["status"] == "given"
     assert given["dense_metrics"] == first["dense_metrics"]
+    entry = Path(first["stages"]["dense"]["entry"]) / "model.pt"  # a cache entry's weights work as dense_ckpt too
+    from_entry = run(tiny_cfg("pruning=ap50", f"pruning.dense_ckpt={entry}", out=tmp_path / "c"))
+    assert from_entry["dense_metrics"] == first["dense_metrics"]
 
 
 def test_pruning_none_reuses_the_dense_stage(tiny_cfg, tmp_path):
@@ -225,3 +228,40 @@ def test_training_free_mode_evaluates_the_masked_dense_model(tiny_cfg, tmp_path)
     assert free["stages"]["calibrate"]["status"] == "reused" and (tmp_path / "b/masks.pt").is_file()
     with pytest.raises(APError, match="needs pruning.finetune=true"):
         run(tiny_cfg("pruning=ap70", "pruning.finetune=false", "pruning.reinit=true", out=tmp_path / "c"))
+
+
+def test_followers_stop_when_rank_zero_fails_or_disagrees(tmp_path, monkeypatch):
+    root, run_dir = tmp_path / "cache", tmp_path / "run"
+
+    def broken(folder):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        StageCache(root, run_dir).fetch("dense", {"a": 1}, broken)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(APError, match="rank zero failed in the dense stage"):
+        StageCache(root, run_dir).fetch("dense", {"a": 1}, counting_build(tmp_path / "log"))
+    monkeypatch.delenv("LOCAL_RANK")
+    StageCache(root, run_dir).fetch("dense", {"a": 1}, counting_build(tmp_path / "log"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(APError, match="differs from rank zero's"):  # e.g. data files that differ between nodes
+        StageCache(root, run_dir).fetch("dense", {"a": 2}, counting_build(tmp_path / "log"))
+    monkeypatch.setenv("AP_LAUNCH", "a later attempt")  # a decision of an earlier attempt is not followed
+    monkeypatch.setattr("ap.cache.WAIT_S", 0.3)
+    with pytest.raises(APError, match="no decision from rank zero"):
+        StageCache(root, run_dir).fetch("dense", {"a": 1}, counting_build(tmp_path / "log"))
+
+
+def test_lanes_of_killed_builders_are_cleared_and_a_foreign_folder_is_an_error(tmp_path):
+    cache, log = StageCache(tmp_path / "cache", tmp_path / "run"), tmp_path / "log"
+    key = key_of({"a": 1})
+    stale = tmp_path / "cache/stages/dense/.tmp" / f"{key}-99999-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "half.pt").write_text("half")
+    cache.fetch("dense", {"a": 1}, counting_build(log))
+    assert not stale.exists()
+    foreign = tmp_path / "cache/stages/dense" / key_of({"a": 2})
+    foreign.mkdir()
+    with pytest.raises(APError, match=f"{foreign} exists without entry.json"):
+        cache.fetch("dense", {"a": 2}, counting_build(log))
+    assert builds(log) == 1
