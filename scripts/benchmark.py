@@ -4,6 +4,7 @@
     python scripts/benchmark.py                                  # CPU, L = 1024 2048, sparsity 0.5 0.9
     python scripts/benchmark.py --lengths 2048 4096 --sparsity 0.9 --device cuda --backward
     python scripts/benchmark.py --lengths --masks outputs/lm_sample/ap90/<run>/masks.pt   # an LM run's own masks, whole model
+    python scripts/benchmark.py --lengths --model data/smollm2 --sparsity 0.9 --model-lengths 2048 4096   # HF prefill
 
 Masks are causal tile masks (``--tile`` = the flex tile): the diagonal tiles are kept, a random ``sparsity`` share of
 the other valid tiles is emptied (``--masks``: a run's masks instead, for the whole-LM rows). Attention inputs are
@@ -232,6 +233,65 @@ def lm_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def hf_rows(args: argparse.Namespace) -> list[dict]:
+    """Prefill of a whole HF causal LM (``--model``, e.g. data/smollm2) at ``--model-lengths``: the model's own SDPA
+    (dense), attention skipped (the bound), and AP sites on the block backend with causal tile masks at ``--sparsity``
+    (the diagonal tiles kept, as AP block masks keep them) or, with ``--masks``, a ``task=clm`` run's masks of this
+    model (at their length). One sequence, ``logits_to_keep=1`` (what prefill computes), no cache."""
+    from transformers import AutoModelForCausalLM
+
+    from ap.models.hf import attach_sites
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
+    lengths = args.model_lengths
+    if args.masks is not None:
+        _, _, max_q, _ = next(iter(args.masks.meta["model"]["sites"].values()))
+        lengths = [max_q]
+    rows = []
+    for length in lengths:
+        sites = attach_sites(model, length, backend="sdpa")  # (also switches the model to the "ap" implementation)
+        heads = next(iter(sites.values())).n_heads
+        if args.masks is not None:
+            args.masks.validate(model)  # raises naming the difference
+            valid = torch.ones(length, length, dtype=torch.bool).tril()
+            counts = [empty_tiles(m, valid.expand_as(m), args.tile) for m in args.masks.masks.values()]
+            cases = [(float(args.masks.meta["achieved"]["overall"]), args.masks.masks,
+                      1 - sum(e for e, _ in counts) / sum(t for _, t in counts))]
+        else:
+            cases = []
+            for sparsity in args.sparsity:
+                mask, kept = tile_mask(length, heads, sparsity, args.tile)
+                cases.append((sparsity, {name: mask for name in sites}, kept))
+        x = torch.randint(0, model.config.vocab_size, (1, length), device=args.device)
+
+        def prefill() -> None:
+            model(input_ids=x, use_cache=False, logits_to_keep=1)
+
+        def use(masks: dict[str, torch.Tensor] | None, backend: str) -> None:
+            for name, site in sites.items():
+                site.set_mask(None if masks is None else masks[name].to(args.device))
+                site.backend = backend
+
+        what = f"{Path(args.model).name} prefill"
+        with torch.no_grad():
+            model.set_attn_implementation("sdpa")  # the model's own attention: the dense reference
+            dense = timed(prefill, args.repeats, args.device)
+            rows.append({"what": what, "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
+                         "seconds": dense, "ratio": 1.0, "ideal": 1.0, "mb": memory_mb(prefill, args.device, False)})
+            model.set_attn_implementation("ap")
+            use(None, "skip (bound)")
+            s = timed(prefill, args.repeats, args.device)
+            rows.append({"what": what, "length": length, "sparsity": 1.0, "backend": "skip (bound)", "seconds": s,
+                         "ratio": dense / s, "ideal": float("inf"), "mb": float("nan")})
+            for sparsity, masks, kept in cases:
+                use(masks, "block")
+                s = timed(prefill, args.repeats, args.device)
+                rows.append({"what": what, "length": length, "sparsity": sparsity, "backend": "block", "seconds": s,
+                             "ratio": dense / s, "ideal": 1 / kept, "mb": memory_mb(prefill, args.device, False)})
+            use(None, "sdpa")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048], help="attention rows (none: LM only)")
@@ -247,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the LM's dropout (attention too) in the training step; the demo trains with 0.1")
     parser.add_argument("--masks", type=Path, default=None,
                         help="time the whole LM with this run's masks.pt (LM runs) instead of random tile masks")
+    parser.add_argument("--model", type=str, default=None,
+                        help="an HF causal LM folder: whole-model prefill rows instead of the LM rows (task=clm)")
+    parser.add_argument("--model-lengths", type=int, nargs="+", default=[2048, 4096], help="prefill lengths (--model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
@@ -259,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--masks: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = attention_rows(args) + (lm_rows(args) if args.lm_length or args.masks is not None else [])
+    if args.model:
+        rows = attention_rows(args) + hf_rows(args)
+    else:
+        rows = attention_rows(args) + (lm_rows(args) if args.lm_length or args.masks is not None else [])
 
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"B{args.batch} H{args.heads} D{args.dim}, tile {args.tile}; ratio = dense causal SDPA time / time")

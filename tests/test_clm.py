@@ -82,3 +82,25 @@ def test_fine_tuning_with_masks_and_the_baselines(tiny_data, tiny_llama, tmp_pat
 def test_a_missing_model_folder_names_the_prepare_command(tiny_data, tmp_path):
     with pytest.raises(APError, match="prepare_data.py smollm2"):
         run(clm_cfg(tiny_data, tmp_path / "data/smollm2", tmp_path / "x", "pruning=ap50"))
+
+
+def test_benchmark_times_whole_model_prefill_of_an_hf_folder(tiny_llama, tmp_path):
+    """scripts/benchmark.py --model: the model's own SDPA, the attention-free bound, and the block backend with tile
+    masks, on one sequence per length (times are not asserted)."""
+    import csv
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark.py"), "--lengths", "--model", str(tiny_llama),
+                           "--model-lengths", "48", "64", "--tile", "16", "--sparsity", "0.5", "0.9", "--repeats", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "benchmark.csv")))
+    assert [(r["length"], r["backend"], r["sparsity"]) for r in rows] == [
+        (str(n), b, s) for n in (48, 64) for b, s in (("sdpa causal (dense)", "0.0"), ("skip (bound)", "1.0"),
+                                                      ("block", "0.5"), ("block", "0.9"))]
+    assert all(float(r["seconds"]) > 0 for r in rows) and rows[0]["what"] == f"{tiny_llama.name} prefill"
+    # 64 positions in 16-wide tiles: 10 valid tiles, the 4 diagonal ones kept at 90 %: ideal 10/4
+    assert float(rows[-1]["ideal"]) == 2.5
