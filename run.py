@@ -18,5 +18,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("AP_LAUNCH", launch_stamp())  # run/sweep folder name, shared with the workers and ranks it starts
+    os.environ.setdefault("AP_LAUNCH", launch_stamp())  # run/sweep folder name, shared with its workers and ranks
     main()

@@ -8,7 +8,8 @@ job (a plain ``-m`` sweep, parallel joblib workers, SLURM array tasks, DDP ranks
   never a wrong hit. Data paths are replaced by a fingerprint of the files below them; versions of ap and torch are in.
 - **Atomic entries**: an entry is built in ``<stage>/.tmp/``, gets ``entry.json`` (the payload it hashes and the
   sha256 of every file), and is renamed into place. A job killed while building leaves no entry.
-- **One builder**: jobs that miss the same entry wait on a ``filelock.FileLock`` (``<stage>/.locks/<key>.lock``); the first builds it, the others
+- **One builder**: jobs that miss the same entry wait on a ``filelock.FileLock`` (``<stage>/.locks/<key>.lock``);
+  the first builds it, the others
   reuse it. Every job, builder or not, then loads the product from the entry, so a result never depends on hit or miss.
 - **DDP**: the rank-zero process decides (lock, hit or build) and writes its decision to the run directory; other
   ranks never lock (a child waiting on its parent's lock deadlocks): they follow that decision, taking part in the

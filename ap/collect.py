@@ -213,7 +213,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default: <first folder>/collected)")
     parser.add_argument("--csv", type=Path, help="also write runs.csv to this file")
     parser.add_argument("--wandb", action="store_true",
-                        help="log the summary table and the curves to wandb (a job_type=collect run in the runs' group)")
+                        help="log the summary table and the curves to wandb (a job_type=collect run in the runs' "
+                             "group)")
     args = parser.parse_args(argv)
     missing = [str(f) for f in args.folders if not f.is_dir()]
     try:

@@ -56,7 +56,7 @@ class PruningConfig:
     seed: int = II("seed")  # random policy; follows the run's `seed` (a seed sweep redraws the random baseline)
     calibration_batches: Optional[int] = None  # cap on calibration batches (null = one full train epoch, the paper)
     reinit: bool = False  # re-initialise weights and train from scratch with masks (the paper's LM/MT recipe)
-    finetune: bool = True  # false = training-free: dense -> calibrate -> masks -> evaluate (no fine-tuning, no dense+ft)
+    finetune: bool = True  # false = training-free: dense -> calibrate -> masks -> evaluate (no dense+ft either)
     masks_path: Optional[str] = None  # use a saved masks.pt: skips calibration and thresholding
     stats_path: Optional[str] = None  # threshold a saved stats.pt at this sparsity: skips calibration
     dense_ckpt: Optional[str] = None  # load dense weights from this Lightning checkpoint: skips dense training

@@ -225,7 +225,7 @@ def dense_identity(cfg: DictConfig, pruning: PruningConfig) -> dict[str, Any]:
 
 
 def dense_ft_payload(cfg: DictConfig, dense_key: str) -> dict[str, Any]:
-    """The dense+ft baseline: the dense weights fine-tuned with ``task.finetune`` (seed and trainer: in the dense key)."""
+    """The dense+ft baseline: the dense weights fine-tuned with ``task.finetune`` (seed, trainer: in the dense key)."""
     return {"dense": dense_key, "finetune": resolved(cfg.task.finetune), "versions": versions()}
 
 

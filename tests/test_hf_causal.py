@@ -37,17 +37,26 @@ def gpt2() -> transformers.PreTrainedModel:
 MODELS: dict[str, Callable[[], transformers.PreTrainedModel]] = {"llama": llama, "gpt2": gpt2}
 
 
-def models(name: str) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedModel, dict[str, AttentionSite]]:
+def model_pair(make: Callable[[], transformers.PreTrainedModel], max_len: int = MAX_LEN
+               ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedModel, dict[str, AttentionSite]]:
     """``(reference on sdpa, copy switched to "ap", its sites)``, float32, eval mode."""
     torch.manual_seed(0)
-    ref = MODELS[name]().float().eval()
+    ref = make().float().eval()
     model = copy.deepcopy(ref)
-    return ref, model, attach_sites(model, MAX_LEN)
+    return ref, model, attach_sites(model, max_len)
+
+
+def models(name: str) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedModel, dict[str, AttentionSite]]:
+    return model_pair(MODELS[name])
+
+
+def random_sequences(lengths: tuple[int, ...] = LENGTHS, vocab: int = VOCAB) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(2, vocab, (n,), generator=g) for n in lengths]
 
 
 def sequences() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(2, VOCAB, (n,), generator=g) for n in LENGTHS]
+    return random_sequences()
 
 
 def real_slice(n: int, width: int, side: str) -> slice:

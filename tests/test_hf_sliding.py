@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 import torch
 import transformers  # the hf extra (make test installs it)
-from test_hf_causal import MAX_LEN, install_random_masks, logits, pad, real_slice
+from test_hf_causal import MAX_LEN, install_random_masks, logits, model_pair, pad, random_sequences, real_slice
 
 from ap.core import AttentionSite, MaskError, SiteKind, calibrate, real_positions
 from ap.models.hf import ap_attention, ap_mask, attach_sites
@@ -54,15 +54,11 @@ WINDOWS = {"gemma3": [WINDOW, None, WINDOW], "mistral": [WINDOW, WINDOW], "qwen2
 
 def models(name: str) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedModel, dict[str, AttentionSite]]:
     """``(reference on sdpa, copy switched to "ap", its sites)``, float32, eval mode."""
-    torch.manual_seed(0)
-    ref = MODELS[name]().float().eval()
-    model = copy.deepcopy(ref)
-    return ref, model, attach_sites(model, MAX_LEN)
+    return model_pair(MODELS[name], MAX_LEN)
 
 
 def sequences() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(2, VOCAB, (n,), generator=g) for n in LENGTHS]
+    return random_sequences(LENGTHS, VOCAB)
 
 
 def batch_of(seqs: list[torch.Tensor], layout: str) -> dict[str, torch.Tensor]:

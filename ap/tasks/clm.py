@@ -61,7 +61,8 @@ class CLMDataModule(pl.LightningDataModule):
                  num_workers: int = 0, missing_hint: str = "", name: str = "", seed: int = 0) -> None:
         super().__init__()
         self.dir, self.tokenizer_path, self.seq_len = Path(dir), tokenizer, seq_len
-        self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.seed = num_workers, seed
         self.max_train, self.max_eval = max_train_sequences, max_eval_sequences
         self.name = name or self.dir.name
         self.missing_hint = missing_hint or f"put WikiText-format files in {dir} (see scripts/prepare_data.py)"
@@ -138,7 +139,8 @@ class CausalLMTask(pl.LightningModule):
         loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss  # mean over B * (T - 1) tokens
         seconds = time.perf_counter() - t0
         n = batch.shape[0] * (batch.shape[1] - 1)
-        self._eval_sums += torch.tensor([loss.item() * n, n, seconds], dtype=torch.float64, device=self._eval_sums.device)
+        self._eval_sums += torch.tensor([loss.item() * n, n, seconds], dtype=torch.float64,
+                                        device=self._eval_sums.device)
         self._eval_tokens += batch.numel()
 
     def _eval_epoch_start(self) -> None:
