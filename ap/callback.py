@@ -59,9 +59,10 @@ class AttentionPruning(pl.Callback):
         config: Optional[dict[str, Any]] = None,
         train_seed: Optional[int] = None,
         score: str = "mean",
+        keep_sinks: int = 0,
     ) -> None:
         self.sparsity, self.scope, self.block_size, self.policy, self.seed = sparsity, scope, block_size, policy, seed
-        self.score = score
+        self.score, self.keep_sinks = score, keep_sinks
         self.kinds = sorted(kinds) if kinds is not None else None  # None = every kind (or the keys of a dict target)
         self.calibration_batches, self.reinit = calibration_batches, reinit
         self.masks_path, self.stats_path = masks_path, stats_path
@@ -112,7 +113,7 @@ class AttentionPruning(pl.Callback):
                 t0 = time.perf_counter()
                 self.masks = make_maskset(self.stats, model, self.sparsity, scope=self.scope, policy=self.policy,
                                           seed=self.seed, config=self.config, block_size=self.block_size,
-                                          kinds=self.kinds, score=self.score)
+                                          kinds=self.kinds, score=self.score, keep_sinks=self.keep_sinks)
                 self.timing["threshold_s"] = time.perf_counter() - t0
             self._write(trainer)
             log.info(f"AttentionPruning: {self.masks.meta['achieved']['overall']:.1%} of valid attention pruned\n"
@@ -173,13 +174,13 @@ class AttentionPruning(pl.Callback):
             present = {spec[0] for spec in meta.get("model", {}).get("sites", {}).values()}
             kinds = sorted(k for k in kinds if k in present)
         ours = {"sparsity": self.sparsity, "kinds": kinds, "scope": self.scope, "policy": self.policy,
-                "block_size": self.block_size, "score": self.score}
+                "block_size": self.block_size, "score": self.score, "keep_sinks": self.keep_sinks}
         for key, value in ours.items():
             theirs = meta.get(key)
             if key == "kinds" and (value is None or theirs is None):
                 continue  # every kind, or masks written before kinds were recorded
-            if key == "score" and theirs is None and value == "mean":
-                continue  # masks written before scores were recorded: the paper's
+            if (key, theirs, value) in (("score", None, "mean"), ("keep_sinks", None, 0)):
+                continue  # masks written before these were recorded: the paper's settings
             if theirs != value:
                 raise APError(f"the checkpoint's masks were made with {key}={theirs}, this run asks for {key}={value}: "
                               f"resume with the pruning config of the interrupted run")

@@ -52,6 +52,7 @@ class PruningConfig:
     kinds: list[str] = field(default_factory=lambda: list(KINDS))  # site kinds to prune; the others stay dense
     scope: Scope = Scope.layer  # layer | head | global
     score: Score = Score.mean  # ap's ranking: mean probability (the paper) | row (x valid keys of its row)
+    keep_sinks: int = 0  # N > 0: every policy keeps each row's first N keys and its diagonal (attention sinks)
     block_size: int = 0  # 0 = element-wise masks; N > 0 = prune whole N x N tiles (what block-sparse kernels skip)
     seed: int = II("seed")  # random policy; follows the run's `seed` (a seed sweep redraws the random baseline)
     calibration_batches: Optional[int] = None  # cap on calibration batches (null = one full train epoch, the paper)
@@ -67,6 +68,8 @@ class PruningConfig:
         for what, s in [("sparsity", self.sparsity)] + given:
             if not 0.0 <= s < 1.0:
                 raise APError(f"pruning.{what}={s} is outside [0, 1): it is the fraction of attention entries pruned")
+        if self.keep_sinks < 0:
+            raise APError(f"pruning.keep_sinks={self.keep_sinks} must be >= 0 (0 = keep no extra sink keys)")
         if self.block_size < 0:
             raise APError(f"pruning.block_size={self.block_size} must be >= 0 (0 = element-wise masks)")
         for key, given in (("kind_sparsity", list(self.kind_sparsity)), ("kinds", self.kinds)):

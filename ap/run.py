@@ -99,7 +99,8 @@ def run_stages(cfg: DictConfig) -> dict[str, Any]:
             block_size=pruning.block_size, policy=pruning.policy.value, seed=pruning.seed,
             calibration_batches=pruning.calibration_batches, reinit=pruning.reinit, masks_path=pruning.masks_path,
             stats_path=pruning.stats_path, output_dir=str(out), heatmaps=pruning.heatmaps,
-            config=resolved(cfg.pruning), train_seed=cfg.seed, score=pruning.score.value)
+            config=resolved(cfg.pruning), train_seed=cfg.seed, score=pruning.score.value,
+            keep_sinks=pruning.keep_sinks)
     check_user_files(cfg, pruning, module, callback)
     cache = StageCache(Path(cfg.paths.cache_dir) if cfg.cache.enabled else None, out)
     state = RunState(cfg, pruning, dm, module, callback, cache,

@@ -1,4 +1,5 @@
-"""pruning.score=row: AP ranked relative to a uniform row (mean probability x the row's number of valid keys)."""
+"""Levers on AP's masks: pruning.score=row (ranked relative to a uniform row: mean probability x the row's number of
+valid keys) and pruning.keep_sinks (every row keeps its first keys and its diagonal)."""
 
 import pytest
 import torch
@@ -41,3 +42,27 @@ def test_row_score_hits_the_target_like_the_papers(scope, block_size):
         assert abs(achieved_sparsity(masks, stats)["overall"] - 0.7) < (0.005 if not block_size else 0.05)
     with pytest.raises(APError, match="unknown pruning score"):
         build_masks(stats, 0.5, score="median")
+
+
+@pytest.mark.parametrize("policy", ["ap", "random"])
+@pytest.mark.parametrize("block_size", [0, 8])
+def test_kept_sinks_and_diagonal_under_every_policy(policy, block_size):
+    stats = ragged_stats(n=48)
+    target = 0.3 if block_size else 0.6  # (reachable with 3 sink keys and the diagonal kept in every row)
+    masks = build_masks(stats, target, policy=policy, keep_sinks=3, block_size=block_size)
+    assert abs(achieved_sparsity(masks, stats)["overall"] - target) < (0.005 if not block_size else 0.05)
+    for name, keep in masks.items():
+        valid = stats.count[name] > 0  # (Q, K)
+        rows = valid.any(-1)
+        assert keep[:, rows][:, :, :3][valid[rows][:, :3].expand_as(keep[:, rows][:, :, :3])].all(), name
+        if name != "x":  # self-attention: the diagonal too
+            diag = torch.diagonal(keep, dim1=1, dim2=2)[:, rows]  # (H, rows)
+            assert diag.all(), name
+    plain = build_masks(stats, target, policy=policy, block_size=block_size)
+    assert not all(torch.equal(plain[n], masks[n]) for n in masks)  # without it, some sinks or diagonals go
+
+
+def test_sink_window_keeps_at_least_the_asked_sinks():
+    stats = same_shape_rows()
+    few, more = (build_masks(stats, 0.8, policy="sink_window", keep_sinks=k)["dec"] for k in (0, 8))
+    assert more[:, 16:, :8].all() and not few[:, 16:, :8].all()

@@ -83,6 +83,7 @@ def make_maskset(
     report_block_size: int = 64,
     kinds: Optional[Iterable[str]] = None,
     score: str = "mean",
+    keep_sinks: int = 0,
 ) -> MaskSet:
     """Threshold ``stats`` into a ``MaskSet`` for ``model`` with the full mask-file metadata.
 
@@ -97,7 +98,7 @@ def make_maskset(
     targets = kind_targets(sparsity, kinds)
     pruned_kinds = sorted(k for k in targets if k in stats.kinds.values())
     masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed, block_size=block_size, kinds=kinds,
-                        score=score)
+                        score=score, keep_sinks=keep_sinks)
     tile = block_size or report_block_size
     achieved = achieved_sparsity(masks, stats)
     by_kind = achieved_by_kind(masks, stats)
@@ -125,6 +126,7 @@ def make_maskset(
         "scope": scope,
         "policy": policy,
         "score": score,
+        "keep_sinks": keep_sinks,
         "seed": seed,
         "achieved": achieved,
         "achieved_kinds": by_kind,

@@ -138,6 +138,7 @@ def build_masks(
     kinds: Optional[Iterable[str]] = None,
     sinks: int = SINKS,
     score: str = "mean",
+    keep_sinks: int = 0,
 ) -> dict[str, Tensor]:
     """Masks ``{site: (H, Q, K) bool, True = keep}`` pruning ``sparsity`` of each scope's valid entries.
 
@@ -157,6 +158,9 @@ def build_masks(
     ``score`` (``ap`` only): ``mean`` ranks entries by their mean probability (the paper); ``row`` by the mean times the
     number of valid keys of the entry's query row, i.e. relative to a uniform row (causal row ``i`` has ``i + 1`` keys,
     so raw means, about ``1/(i+1)``, would rank whole early rows above late ones). Tiles: the count-weighted mean.
+    ``keep_sinks > 0`` (any policy): every valid row also keeps its first ``keep_sinks`` keys (attention sinks) and,
+    for self-attention, its diagonal entry (tiles holding them), counted as kept; ``sink_window`` keeps
+    ``max(sinks, keep_sinks)`` sink keys.
     """
     if score not in SCORES:
         raise APError(f"unknown pruning score {score!r}; choose one of {SCORES}")
@@ -198,11 +202,17 @@ def build_masks(
             if SiteKind(stats.kinds[n]) is not SiteKind.CROSS:
                 diag = torch.eye(*weights[n].shape[1:], dtype=torch.bool).expand_as(weights[n])  # (H, Qb, Kb)
                 protected[n] = diag & (weights[n] > 0)
-    if policy == "sink_window":  # the sink keys (tiles holding one) are always kept
-        n_sink = -(-sinks // block_size) if block_size else sinks
+    if keep_sinks < 0:
+        raise APError(f"keep_sinks must be >= 0 (the first keys every query keeps), got {keep_sinks}")
+    n_keys = max(sinks, keep_sinks) if policy == "sink_window" else keep_sinks
+    if n_keys:  # the sink keys (tiles holding one) are always kept
+        n_sink = -(-n_keys // block_size) if block_size else n_keys
         for n in names:
             sink = torch.arange(weights[n].shape[-1]) < n_sink  # (Ku,)
             protected[n] = protected[n] | (sink & (weights[n] > 0))
+            if keep_sinks and SiteKind(stats.kinds[n]) is not SiteKind.CROSS:  # and the diagonal
+                diag = torch.eye(*weights[n].shape[1:], dtype=torch.bool)  # (Qu, Ku)
+                protected[n] = protected[n] | (diag & (weights[n] > 0))
 
     # Group the entries that share a threshold.
     groups: list[tuple[float, list[tuple[str, Optional[int]]]]] = []
