@@ -178,7 +178,12 @@ def test_left_padded_generate_equals_generating_each_sequence_alone_under_an_ap_
     """Greedy search scores per step; a static cache holds unused key slots after the real keys."""
     _, model, sites = models(name)
     install_random_masks(sites)
-    seqs = sequences()
+    assert_left_padded_generate_equals_alone(model, sequences(), cache)
+
+
+def assert_left_padded_generate_equals_alone(model: transformers.PreTrainedModel, seqs: list[torch.Tensor],
+                                             cache: str) -> None:
+    """Greedy search on a left-padded batch gives each sequence the tokens and scores it gets alone."""
     batch = pad(seqs, "left")
     settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "output_scores": True,
                 "return_dict_in_generate": True, "cache_implementation": cache}

@@ -14,7 +14,8 @@ from typing import Callable
 import pytest
 import torch
 import transformers  # the hf extra (make test installs it)
-from test_hf_causal import MAX_LEN, install_random_masks, logits, model_pair, pad, random_sequences, real_slice
+from test_hf_causal import (MAX_LEN, assert_left_padded_generate_equals_alone, install_random_masks, logits,
+                            model_pair, pad, random_sequences, real_slice)
 
 from ap.core import AttentionSite, MaskError, SiteKind, calibrate, real_positions
 from ap.models.hf import ap_attention, ap_mask, attach_sites
@@ -214,16 +215,7 @@ def test_left_padded_generate_equals_generating_each_sequence_alone_under_an_ap_
     """Greedy search past the window: the sliding layers' caches drop (dynamic) or roll (static) their oldest keys."""
     _, model, sites = models("gemma3")
     install_random_masks(sites)
-    seqs = sequences()
-    batch = pad(seqs, "left")
-    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "output_scores": True,
-                "return_dict_in_generate": True, "cache_implementation": cache}
-    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **settings)
-    for i, s in enumerate(seqs):
-        alone = model.generate(input_ids=s[None], attention_mask=torch.ones(1, len(s), dtype=torch.long), **settings)
-        assert out.sequences[i, batch["input_ids"].shape[1]:].tolist() == alone.sequences[0, len(s):].tolist()
-        for step, scores in zip(out.scores, alone.scores):
-            torch.testing.assert_close(step[i], scores[0], atol=ATOL, rtol=0)
+    assert_left_padded_generate_equals_alone(model, sequences(), cache)
 
 
 def band_reference(q, k, v, window, q_pos, k_pos, mask=None):
