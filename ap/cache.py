@@ -85,15 +85,14 @@ def key_of(payload: dict[str, Any]) -> str:
 
 def dense_payload(config: dict[str, Any], versions: dict[str, str]) -> dict[str, Any]:
     """What determines the dense model: the resolved config minus ``NOT_PRODUCT``, ``task.finetune`` and display-only
-    trainer keys, with data paths replaced by fingerprints of their files, plus ``versions``."""
+    trainer keys, with the local paths of ``data`` and ``model`` (data folders, checkpoint folders) replaced by
+    fingerprints of their files (the location is not the content), plus ``versions``."""
     payload = {k: v for k, v in config.items() if k not in NOT_PRODUCT}
     payload["task"] = {k: v for k, v in payload.get("task", {}).items() if k not in ("finetune", "optimized_metric")}
     payload["trainer"] = {k: v for k, v in payload.get("trainer", {}).items() if k not in TRAINER_DISPLAY}
-    data = {k: v for k, v in payload.get("data", {}).items() if k != "missing_hint"}
-    for k, v in data.items():
-        if isinstance(v, str) and v and Path(v).exists():
-            data[k] = {"files": fingerprint(Path(v))}  # the location is not the content
-    payload["data"] = data
+    for group in ("data", "model"):
+        payload[group] = {k: {"files": fingerprint(Path(v))} if isinstance(v, str) and v and Path(v).exists() else v
+                          for k, v in payload.get(group, {}).items() if k != "missing_hint"}
     payload["versions"] = dict(versions)
     return payload
 

@@ -210,15 +210,9 @@ def _source_hash() -> str:
 
 
 def dense_identity(cfg: DictConfig, pruning: PruningConfig) -> dict[str, Any]:
-    """The cache payload of the dense weights: the dense-relevant config (``ap.cache.dense_payload``, with model
-    files fingerprinted like data files), or the fingerprint of ``pruning.dense_ckpt`` when weights are given."""
-    config = resolved(cfg)
-    payload = dense_payload(config, versions())
-    model = dict(payload.get("model", {}))
-    for k, v in model.items():  # a local checkpoint folder's content, not its name
-        if isinstance(v, str) and v and Path(v).exists():
-            model[k] = {"files": fingerprint(Path(v))}
-    payload["model"] = model
+    """The cache payload of the dense weights: the dense-relevant config (``ap.cache.dense_payload``), with the
+    fingerprint of ``pruning.dense_ckpt`` when weights are given."""
+    payload = dense_payload(resolved(cfg), versions())
     if pruning.dense_ckpt:
         payload["dense_ckpt"] = fingerprint(Path(pruning.dense_ckpt))
     return payload
@@ -394,25 +388,27 @@ def finetune(s: RunState) -> None:
     before = dict(s.timing)
     if not (cfg.ckpt_path or pruning.reinit):  # the pruned model before fine-tuning (masks are made here)
         s.results["pruned_before_finetune_metrics"] = trainer.validate(module, dm, verbose=False)[0]
-        made = sum(callback.timing.values()) + sum(v for k, v in s.timing.items() if k not in before)
-        s.timing["evaluate_pruned_s"] = time.perf_counter() - t0 - made
+        s.timing["evaluate_pruned_s"] = _elapsed_apart(s, t0, before)
     # what a resumed run cannot recompute travels in the fine-tune checkpoints (the callback's state)
     callback.carried = {k: s.results[k] for k in CARRIED if k in s.results} | {"timing": dict(s.timing),
                                                                                "stages": dict(s.stages)}
-    t1 = time.perf_counter()
-    fit_before = dict(s.timing)
+    t1, before = time.perf_counter(), dict(s.timing)
     trainer.fit(module, dm, ckpt_path=cfg.ckpt_path)
-    made_in_fit = (sum(v for k, v in s.timing.items() if k not in fit_before)
-                   + (0.0 if "evaluate_pruned_s" in s.timing else sum(callback.timing.values())))
-    s.timing.update(callback.timing)
-    s.timing["finetune_s"] = time.perf_counter() - t1 - made_in_fit
-    if "calibrate" not in s.stages and "calibrate_s" in callback.timing:
-        s.stages["calibrate"] = {"status": "ran"}
+    s.timing["finetune_s"] = _elapsed_apart(s, t1, before)
     if cfg.ckpt_path:  # restored from the checkpoint: the metrics of the stages before the interrupted one
         carried = dict(callback.carried)
         s.timing = {**carried.pop("timing", {}), **s.timing}
         s.stages = {**carried.pop("stages", {}), **s.stages}
         s.results.update({k: v for k, v in carried.items() if k not in s.results})
+
+
+def _elapsed_apart(s: RunState, t0: float, before: dict[str, float]) -> float:
+    """Seconds since ``t0`` minus the stages timed on their own meanwhile (calibration by the stage cache, the
+    callback's calibration and thresholding: merged into ``s.timing`` here; ``before`` = ``s.timing`` at ``t0``)."""
+    s.timing.update(s.callback.timing)
+    if "calibrate" not in s.stages and "calibrate_s" in s.callback.timing:
+        s.stages["calibrate"] = {"status": "ran"}  # calibrated by the callback itself (no stage cache: resumed)
+    return time.perf_counter() - t0 - sum(v for k, v in s.timing.items() if k not in before)
 
 
 # results of the stages before fine-tuning, kept in fine-tune checkpoints so that a resumed run reports them too
@@ -426,12 +422,7 @@ def final_evaluate(s: RunState) -> None:
         s.results["metrics"] = s.results["dense_metrics"]
         return
     training_free = s.callback is not None and not s.pruning.finetune
-    t0 = time.perf_counter()
-    before = dict(s.timing)
+    t0, before = time.perf_counter(), dict(s.timing)
     s.results["metrics"] = evaluate(s.cfg, s.module, s.dm, "final_eval", [s.callback] if training_free else None)
-    if training_free:
-        s.timing.update(s.callback.timing)
-        if "calibrate" not in s.stages and "calibrate_s" in s.callback.timing:
-            s.stages["calibrate"] = {"status": "ran"}
-    made = sum(v for k, v in s.timing.items() if k not in before)
-    s.timing["evaluate_s"] = time.perf_counter() - t0 - made
+    s.timing["evaluate_s"] = (_elapsed_apart(s, t0, before) if s.callback is not None
+                              else time.perf_counter() - t0)
