@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -60,9 +61,14 @@ class AttentionPruning(pl.Callback):
         train_seed: Optional[int] = None,
         score: str = "mean",
         keep_sinks: int = 0,
+        tiled: bool = False,
     ) -> None:
         self.sparsity, self.scope, self.block_size, self.policy, self.seed = sparsity, scope, block_size, policy, seed
         self.score, self.keep_sinks = score, keep_sinks
+        if tiled and block_size <= 0:
+            raise APError("pruning.tiled=true accumulates statistics per pruning.block_size tile: set "
+                          "pruning.block_size (e.g. 64)")
+        self.tile = block_size if tiled else 0  # statistics and masks per tile (long sequences), 0 = per entry
         self.kinds = sorted(kinds) if kinds is not None else None  # None = every kind (or the keys of a dict target)
         self.calibration_batches, self.reinit = calibration_batches, reinit
         self.masks_path, self.stats_path = masks_path, stats_path
@@ -137,8 +143,10 @@ class AttentionPruning(pl.Callback):
         batches = (b for i, b in enumerate(itertools.islice(loader, n)) if i % world == rank)
         bar = tqdm(batches, total=len(range(rank, n, world)), desc="calibrate", leave=False,
                    disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)
-        stats = calibrate(_pruned_model(pl_module), bar,
-                          lambda batch: pl_module.calibration_forward(trainer.strategy.batch_to_device(batch)))
+        model = _pruned_model(pl_module)
+        check_stats_memory(model, self.tile)
+        stats = calibrate(model, bar, lambda batch: pl_module.calibration_forward(trainer.strategy.batch_to_device(batch)),
+                          stats=AttentionStats(tile=self.tile))
         stats.all_reduce()
         log.info(f"AttentionPruning: calibrated on {stats.batches} train batches, {stats.tokens:,} tokens")
         return stats
@@ -174,16 +182,31 @@ class AttentionPruning(pl.Callback):
             present = {spec[0] for spec in meta.get("model", {}).get("sites", {}).values()}
             kinds = sorted(k for k in kinds if k in present)
         ours = {"sparsity": self.sparsity, "kinds": kinds, "scope": self.scope, "policy": self.policy,
-                "block_size": self.block_size, "score": self.score, "keep_sinks": self.keep_sinks}
+                "block_size": self.block_size, "score": self.score, "keep_sinks": self.keep_sinks, "tile": self.tile}
         for key, value in ours.items():
             theirs = meta.get(key)
             if key == "kinds" and (value is None or theirs is None):
                 continue  # every kind, or masks written before kinds were recorded
-            if (key, theirs, value) in (("score", None, "mean"), ("keep_sinks", None, 0)):
+            if (key, theirs, value) in (("score", None, "mean"), ("keep_sinks", None, 0), ("tile", None, 0)):
                 continue  # masks written before these were recorded: the paper's settings
             if theirs != value:
                 raise APError(f"the checkpoint's masks were made with {key}={theirs}, this run asks for {key}={value}: "
                               f"resume with the pruning config of the interrupted run")
+
+
+def check_stats_memory(model: Any, tile: int, limit: Optional[float] = None) -> None:
+    """Raise ``APError`` before calibrating if the statistics would need more than ``limit`` bytes (default: half of
+    this machine's memory): element-wise statistics grow with the square of the sequence length."""
+    sites = find_sites(model).values()
+    units = [(-(-s.max_q // tile), -(-s.max_k // tile)) if tile else (s.max_q, s.max_k) for s in sites]
+    need = sum(8 * (s.n_heads + 1) * q * k for s, (q, k) in zip(sites, units))  # float64 sum (H, Q, K) + count (Q, K)
+    if limit is None:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    if need > limit:
+        fix = ("pruning.tiled=true pruning.block_size=64 (statistics and masks per 64x64 tile)" if not tile
+               else "a larger pruning.block_size or a shorter sequence length")
+        raise APError(f"calibration statistics of these {len(units)} attention sites would take {need / 2**30:.1f} GiB "
+                      f"(limit {limit / 2**30:.1f} GiB, half of this machine's memory); use {fix}")
 
 
 def _epoch_batches(n: int, limit: int | float | None) -> int:

@@ -54,6 +54,8 @@ class PruningConfig:
     score: Score = Score.mean  # ap's ranking: mean probability (the paper) | row (x valid keys of its row)
     keep_sinks: int = 0  # N > 0: every policy keeps each row's first N keys and its diagonal (attention sinks)
     block_size: int = 0  # 0 = element-wise masks; N > 0 = prune whole N x N tiles (what block-sparse kernels skip)
+    # true = calibrate per block_size tile: stats.pt and masks.pt per tile, 1/block_size² of the memory (long sequences)
+    tiled: bool = False
     seed: int = II("seed")  # random policy; follows the run's `seed` (a seed sweep redraws the random baseline)
     calibration_batches: Optional[int] = None  # cap on calibration batches (null = one full train epoch, the paper)
     reinit: bool = False  # re-initialise weights and train from scratch with masks (the paper's LM/MT recipe)
@@ -72,6 +74,10 @@ class PruningConfig:
             raise APError(f"pruning.keep_sinks={self.keep_sinks} must be >= 0 (0 = keep no extra sink keys)")
         if self.block_size < 0:
             raise APError(f"pruning.block_size={self.block_size} must be >= 0 (0 = element-wise masks)")
+        if self.tiled and self.block_size == 0:
+            raise APError("pruning.tiled=true calibrates per pruning.block_size tile: set pruning.block_size (e.g. 64)")
+        if self.tiled and self.score is Score.row:
+            raise APError("pruning.score=row needs element-wise statistics: use pruning.tiled=false")
         for key, given in (("kind_sparsity", list(self.kind_sparsity)), ("kinds", self.kinds)):
             bad = [k for k in given if k not in KINDS]
             if bad:

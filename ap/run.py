@@ -100,7 +100,7 @@ def run_stages(cfg: DictConfig) -> dict[str, Any]:
             calibration_batches=pruning.calibration_batches, reinit=pruning.reinit, masks_path=pruning.masks_path,
             stats_path=pruning.stats_path, output_dir=str(out), heatmaps=pruning.heatmaps,
             config=resolved(cfg.pruning), train_seed=cfg.seed, score=pruning.score.value,
-            keep_sinks=pruning.keep_sinks)
+            keep_sinks=pruning.keep_sinks, tiled=pruning.tiled)
     check_user_files(cfg, pruning, module, callback)
     cache = StageCache(Path(cfg.paths.cache_dir) if cfg.cache.enabled else None, out)
     state = RunState(cfg, pruning, dm, module, callback, cache,

@@ -226,7 +226,8 @@ def dense_ft_payload(cfg: DictConfig, dense_key: str) -> dict[str, Any]:
 def calibration_payload(pruning: PruningConfig, dense_key: str) -> dict[str, Any]:
     """Calibration statistics: the dense weights, one (capped) epoch of the train split (data and trainer limits: in
     the dense key). Sparsity, policy, scope, kinds and block size only threshold them: not in the key."""
-    return {"dense": dense_key, "calibration_batches": pruning.calibration_batches, "versions": versions()}
+    return {"dense": dense_key, "calibration_batches": pruning.calibration_batches, "versions": versions(),
+            "tile": pruning.block_size if pruning.tiled else 0}
 
 
 def _write_json(folder: Optional[Path], name: str, data: dict[str, Any]) -> None:

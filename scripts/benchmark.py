@@ -151,21 +151,33 @@ def _skip_attention(q, k, v, mask, is_causal, dropout_p, scale, need_probs):  # 
     return v, None
 
 
-def lm_cases(args: argparse.Namespace, model: TransformerLM) -> list[tuple[float, dict[str, torch.Tensor], float]]:
-    """``(sparsity, site -> mask, kept tile fraction)`` to time: random causal tile masks per ``--sparsity``, or the
+Case = tuple[float, dict[str, torch.Tensor], float, int]  # (sparsity, site -> mask, kept tile fraction, mask tile)
+
+
+def lm_cases(args: argparse.Namespace, model: TransformerLM) -> list[Case]:
+    """``(sparsity, site -> mask, kept tile fraction, mask tile)`` to time: random causal tile masks per ``--sparsity``, or the
     masks of ``--masks`` (sparsity = the share of valid entries they prune, as the run reported it)."""
     sites = find_sites(model)
     if args.masks is None:
         cases = []
         for sparsity in args.sparsity:
             mask, kept = tile_mask(model.cfg.block_len, model.cfg.n_heads, sparsity, args.tile)
-            cases.append((sparsity, {name: mask for name in sites}, kept))
+            cases.append((sparsity, {name: mask for name in sites}, kept, 0))
         return cases
-    masks = args.masks.masks
-    valid = torch.ones(model.cfg.block_len, model.cfg.block_len, dtype=torch.bool).tril()
-    counts = [empty_tiles(m, valid.expand_as(m), args.tile) for m in masks.values()]  # (empty, valid) tiles per site
+    return [mask_file_case(args.masks, model.cfg.block_len, args.tile)]
+
+
+def mask_file_case(masks: MaskSet, length: int, tile: int) -> Case:
+    """The case of a mask file at ``length``: its masks as stored (element or tile masks) and the share of valid
+    ``tile``-tiles they keep (tile masks: their own tile, which must be ``tile``)."""
+    if masks.tile and masks.tile != tile:
+        raise SystemExit(f"--masks holds {masks.tile}-tile masks: pass --tile {masks.tile}")
+    unit = 1 if masks.tile else tile
+    n = -(-length // unit)
+    valid = torch.ones(n, n, dtype=torch.bool).tril()  # causal entries (tiles) of the mask grid
+    counts = [empty_tiles(m, valid.expand_as(m), unit) for m in masks.masks.values()]  # (empty, valid) per site
     kept = 1 - sum(e for e, _ in counts) / sum(t for _, t in counts)
-    return [(float(args.masks.meta["achieved"]["overall"]), masks, kept)]
+    return float(masks.meta["achieved"]["overall"]), masks.masks, kept, masks.tile
 
 
 def lm_model(args: argparse.Namespace) -> TransformerLM:
@@ -200,9 +212,9 @@ def lm_rows(args: argparse.Namespace) -> list[dict]:
         model(x, x)[1].backward()
         model.eval()
 
-    def use(masks: dict[str, torch.Tensor] | None, backend: str) -> None:
+    def use(masks: dict[str, torch.Tensor] | None, backend: str, tile: int = 0) -> None:
         for name, site in sites.items():
-            site.set_mask(None if masks is None else masks[name].to(args.device))
+            site.set_mask(None if masks is None else masks[name].to(args.device), tile=tile)
             site.backend = backend
 
     train_backends = ["block", "flex"] if args.device == "cuda" else ["block"]  # flex: no CPU backward (torch 2.13)
@@ -222,9 +234,9 @@ def lm_rows(args: argparse.Namespace) -> list[dict]:
                 rows.append({"what": what, "length": length, "sparsity": 1.0, "backend": "skip (bound)",
                              "seconds": s, "ratio": dense / s, "ideal": float("inf"), "mb": float("nan")})
                 use(None, "sdpa")
-            for sparsity, masks, kept in cases:
+            for sparsity, masks, kept, tile in cases:
                 for sparse_backend in sparse_backends:
-                    use(masks, sparse_backend)
+                    use(masks, sparse_backend, tile)
                     s = timed(fn, args.repeats, args.device)
                     rows.append({"what": what, "length": length, "sparsity": sparsity, "backend": sparse_backend,
                                  "seconds": s, "ratio": dense / s, "ideal": 1 / kept,
@@ -253,23 +265,20 @@ def hf_rows(args: argparse.Namespace) -> list[dict]:
         heads = next(iter(sites.values())).n_heads
         if args.masks is not None:
             args.masks.validate(model)  # raises naming the difference
-            valid = torch.ones(length, length, dtype=torch.bool).tril()
-            counts = [empty_tiles(m, valid.expand_as(m), args.tile) for m in args.masks.masks.values()]
-            cases = [(float(args.masks.meta["achieved"]["overall"]), args.masks.masks,
-                      1 - sum(e for e, _ in counts) / sum(t for _, t in counts))]
+            cases = [mask_file_case(args.masks, length, args.tile)]
         else:
             cases = []
             for sparsity in args.sparsity:
                 mask, kept = tile_mask(length, heads, sparsity, args.tile)
-                cases.append((sparsity, {name: mask for name in sites}, kept))
+                cases.append((sparsity, {name: mask for name in sites}, kept, 0))
         x = torch.randint(0, model.config.vocab_size, (1, length), device=args.device)
 
         def prefill() -> None:
             model(input_ids=x, use_cache=False, logits_to_keep=1)
 
-        def use(masks: dict[str, torch.Tensor] | None, backend: str) -> None:
+        def use(masks: dict[str, torch.Tensor] | None, backend: str, tile: int = 0) -> None:
             for name, site in sites.items():
-                site.set_mask(None if masks is None else masks[name].to(args.device))
+                site.set_mask(None if masks is None else masks[name].to(args.device), tile=tile)
                 site.backend = backend
 
         what = f"{Path(args.model).name} prefill"
@@ -283,8 +292,8 @@ def hf_rows(args: argparse.Namespace) -> list[dict]:
             s = timed(prefill, args.repeats, args.device)
             rows.append({"what": what, "length": length, "sparsity": 1.0, "backend": "skip (bound)", "seconds": s,
                          "ratio": dense / s, "ideal": float("inf"), "mb": float("nan")})
-            for sparsity, masks, kept in cases:
-                use(masks, "block")
+            for sparsity, masks, kept, tile in cases:
+                use(masks, "block", tile)
                 s = timed(prefill, args.repeats, args.device)
                 rows.append({"what": what, "length": length, "sparsity": sparsity, "backend": "block", "seconds": s,
                              "ratio": dense / s, "ideal": 1 / kept, "mb": memory_mb(prefill, args.device, False)})

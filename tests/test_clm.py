@@ -55,6 +55,18 @@ def test_data_is_the_corpus_in_the_models_tokens(tiny_data, tiny_llama):
     assert not torch.equal(other.data["train"].seqs, dm.data["train"].seqs)  # a seeded sample of the split
 
 
+def test_an_evaluation_split_shorter_than_a_sequence_is_one_shorter_sequence(tiny_data, tiny_llama, tmp_path):
+    """At long sequence lengths a small validation split is evaluated whole (one shorter sequence); a train split
+    shorter than one sequence is an error naming the key."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+    n_valid = len(tokenizer((tiny_data / "wiki.valid.tokens").read_text(), add_special_tokens=False)["input_ids"])
+    dm = CLMDataModule(str(tiny_data), str(tiny_llama), seq_len=n_valid + 10)
+    dm.setup()
+    assert dm.data["valid"].seqs.shape == (1, n_valid) and dm.data["train"].seqs.shape[1] == n_valid + 10
+    with pytest.raises(APError, match="lower task.data.seq_len"):
+        CLMDataModule(str(tiny_data), str(tiny_llama), seq_len=10**6).setup()
+
+
 def test_training_free_ap_evaluates_the_masked_pretrained_model(tiny_data, tiny_llama, tmp_path):
     dense = run(clm_cfg(tiny_data, tiny_llama, tmp_path / "none", "pruning=none"))
     free = run(clm_cfg(tiny_data, tiny_llama, tmp_path / "ap", "pruning=ap50", "pruning.finetune=false"))

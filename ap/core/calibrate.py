@@ -91,7 +91,8 @@ def make_maskset(
     all kinds), a dict ``{kind: sparsity}`` one target per kind. ``meta["kinds"]`` lists the kinds pruned (sorted).
     A target that cannot be reached (every query row keeps its best entry or tile) warns with what was achieved.
     ``meta["achieved_blocks"]`` is the fraction of tiles (``block_size``, or ``report_block_size`` for element-wise
-    masks) that are entirely pruned: the part of the work a block-sparse kernel can skip.
+    masks) that are entirely pruned: the part of the work a block-sparse kernel can skip. Tiled statistics
+    (``stats.tile``) give tile masks (``meta["tile"]``, mask-file version 2).
     """
     stats.validate(model)
     kinds = kinds if kinds is None or isinstance(kinds, str) else list(kinds)  # iterated twice
@@ -99,7 +100,7 @@ def make_maskset(
     pruned_kinds = sorted(k for k in targets if k in stats.kinds.values())
     masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed, block_size=block_size, kinds=kinds,
                         score=score, keep_sinks=keep_sinks)
-    tile = block_size or report_block_size
+    tile = stats.tile or block_size or report_block_size
     achieved = achieved_sparsity(masks, stats)
     by_kind = achieved_by_kind(masks, stats)
     if not pruned_kinds:
@@ -132,6 +133,7 @@ def make_maskset(
         "achieved_kinds": by_kind,
         "calibration": {"split": split, "batches": stats.batches, "tokens": stats.tokens},
         "block_size": block_size,
+        "tile": stats.tile,  # 0: masks per entry; t: masks per t x t tile
         "achieved_blocks": {"block_size": tile, **block_sparsity(masks, stats, tile)},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": config or {},

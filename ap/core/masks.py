@@ -12,6 +12,10 @@ File format (``torch.load(path, weights_only=True)``)::
               "block_size": int, "created": ISO time, "config": {...}},
      "masks": {site: BoolTensor[n_heads, max_q, max_k]}}       # True = keep
 
+Version 2 (tile masks, from tiled statistics: ``pruning.tiled=true``) is the same with ``meta["tile"] = t > 0`` and
+``masks: {site: BoolTensor[n_heads, ceil(max_q / t), ceil(max_k / t)]}``: True keeps every entry of the tile (causality
+inside diagonal tiles is applied by the site, as for element masks). ``expand_tiles`` turns one into element masks.
+
 Loading checks a file whole (every site of ``meta["model"]`` has a mask of exactly its shape), so a damaged or
 hand-edited file fails at load, naming the site, not when an input first reaches a missing row.
 """
@@ -29,7 +33,7 @@ from .errors import APError, MaskError
 from .files import load_user_file
 from .sites import find_sites, model_signature
 
-FORMAT, VERSION = "ap-masks", 1
+FORMAT, VERSION, TILED_VERSION = "ap-masks", 1, 2
 REQUIRED_META = ("model", "sparsity", "scope", "policy", "achieved", "calibration", "block_size", "created", "config")
 
 
@@ -48,14 +52,32 @@ def signature_difference(expected: dict[str, list], actual: dict[str, list]) -> 
     return None
 
 
+def expand_tiles(tiles: Tensor, tile: int, max_q: int, max_k: int) -> Tensor:
+    """A tile mask ``(H, ceil(Q/t), ceil(K/t))`` as the element mask ``(H, Q, K)`` it stands for."""
+    return tiles.repeat_interleave(tile, 1).repeat_interleave(tile, 2)[:, :max_q, :max_k]
+
+
 @dataclass
 class MaskSet:
     masks: dict[str, Tensor]  # site -> (H, Q, K) bool, True = keep
     meta: dict[str, Any] = field(default_factory=dict)
 
     # --- persistence -------------------------------------------------------------------------------------------
+    @property
+    def tile(self) -> int:
+        """0 for element masks ``(H, Q, K)``; ``t > 0`` for tile masks ``(H, ceil(Q/t), ceil(K/t))``."""
+        return int(self.meta.get("tile", 0) or 0)
+
+    def element_mask(self, name: str) -> Tensor:
+        """Site ``name``'s mask per entry ``(H, Q, K)`` (tile masks expanded)."""
+        if not self.tile:
+            return self.masks[name]
+        _, _, max_q, max_k = self.meta["model"]["sites"][name]
+        return expand_tiles(self.masks[name], self.tile, max_q, max_k)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "meta": self.meta, "masks": self.masks}
+        return {"format": FORMAT, "version": TILED_VERSION if self.tile else VERSION, "meta": self.meta,
+                "masks": self.masks}
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "mask data") -> "MaskSet":
@@ -67,14 +89,19 @@ class MaskSet:
             hint = ("; it is an ap statistics file: pass it as pruning.stats_path"
                     if isinstance(data, dict) and data.get("format") == "ap-stats" else "")
             raise APError(f"{source} is not an ap mask file (expected format {FORMAT!r}){hint}")
-        if data.get("version") != VERSION:
-            raise APError(f"{source} has mask-file version {data.get('version')}; this ap reads version {VERSION}")
+        if data.get("version") not in (VERSION, TILED_VERSION):
+            raise APError(f"{source} has mask-file version {data.get('version')}; this ap reads versions {VERSION} "
+                          f"(element masks) and {TILED_VERSION} (tile masks)")
         meta, masks = data.get("meta"), data.get("masks")
         if not isinstance(meta, dict) or not isinstance(masks, dict):
             raise APError(f"{source} is damaged: 'meta' and 'masks' must be dicts; rebuild masks with a pruning run")
         missing = [k for k in REQUIRED_META if k not in meta]
         if missing:
             raise APError(f"{source} lacks meta fields {missing}")
+        tile = meta.get("tile", 0)
+        if (data["version"] == TILED_VERSION) != (isinstance(tile, int) and tile > 0):
+            raise APError(f"{source} is damaged: version {data['version']} with meta tile={tile!r} (tile masks are "
+                          f"version {TILED_VERSION} with an int tile > 0); rebuild masks with a pruning run")
         ms = cls(dict(masks), dict(meta))
         ms.check(source)
         return ms
@@ -99,10 +126,13 @@ class MaskSet:
             if not isinstance(m, Tensor) or m.dtype != torch.bool or m.dim() != 3:
                 got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
                 raise MaskError(f"{source}: mask of site {name!r} must be a 3-D bool tensor, got {got}")
-            expected = tuple(sites[name][1:])
+            h, q, k = sites[name][1:]
+            t = self.tile
+            expected = (h, -(-q // t), -(-k // t)) if t else (h, q, k)
             if tuple(m.shape) != expected:
+                what = f"{expected} ({t}-tiles of {(h, q, k)})" if t else f"{expected} (n_heads, max_q, max_k)"
                 raise MaskError(f"{source}: mask of site {name!r} has shape {tuple(m.shape)} but its site is "
-                                f"{expected} (n_heads, max_q, max_k); rebuild the masks")
+                                f"{what}; rebuild the masks")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -128,7 +158,7 @@ class MaskSet:
         """Validate and put every mask into its site (raises rather than leaving any site dense)."""
         self.validate(model)
         for name, site in find_sites(model).items():
-            site.set_mask(self.masks[name])
+            site.set_mask(self.masks[name], tile=self.tile)
 
     @staticmethod
     def uninstall(model: nn.Module) -> None:
@@ -149,7 +179,8 @@ class MaskSet:
         return "\n".join(lines)
 
     def heatmaps(self, out_dir: str | Path, mean_probs: dict[str, Tensor] | None = None) -> list[Path]:
-        """One PNG per site: the keep-mask of every head (and the calibrated mean probability, log scale, if given)."""
+        """One PNG per site: the keep-mask of every head (and the calibrated mean probability, log scale, if given;
+        tile masks and tiled statistics are drawn per tile)."""
         import matplotlib
 
         matplotlib.use("Agg")

@@ -83,37 +83,47 @@ class AttentionSite(nn.Module):
         # (~150 MB for WMT at 1024 positions) although every rank holds the same masks. It follows the inputs' device
         # on first use; masks travel in MaskSet files and in the callback's checkpoint state.
         self.mask: Optional[Tensor] = None
-        self._block_masks: dict[tuple, Any] = {}  # flex BlockMask per (first query, first key, Tq, Tk, device)
+        self.mask_tile = 0  # 0: ``mask`` is per entry (H, Q, K); t > 0: per t x t tile (H, ceil(Q/t), ceil(K/t))
+        self._block_masks: dict[tuple, Any] = {}  # BlockMask/BlockPlan per (backend, heads, first q, first k, Tq, Tk, dev)
         self._empty_tiles: dict[tuple, float] = {}  # share of valid tiles the mask empties, per window (backend auto)
         self._auto_logged: set[tuple[str, bool]] = set()
+        self._auto_choice: dict[tuple, str] = {}  # backend auto's choice per (window, training, dropout, padded)
 
     # --- masks -------------------------------------------------------------------------------------------------
-    def set_mask(self, mask: Optional[Tensor]) -> None:
-        """Install a bool ``(n_heads, Q, K)`` keep-mask (``None`` removes it). Raises if it cannot be applied."""
+    def set_mask(self, mask: Optional[Tensor], tile: int = 0) -> None:
+        """Install a bool keep-mask (``None`` removes it): ``(n_heads, Q, K)`` per entry, or with ``tile = t > 0``
+        ``(n_heads, ceil(Q/t), ceil(K/t))`` per tile (True keeps the whole tile). Raises if it cannot be applied."""
         if mask is not None:
             if mask.dtype != torch.bool:
                 raise MaskError(f"site {self.name!r}: mask must be bool (True = keep), got {mask.dtype}")
             if mask.dim() != 3 or mask.shape[0] != self.n_heads:
                 raise MaskError(f"site {self.name!r}: mask shape {tuple(mask.shape)} does not fit "
                                 f"({self.n_heads} heads, queries, keys)")
-        self.mask = mask
+            if tile < 0:
+                raise MaskError(f"site {self.name!r}: mask tile must be >= 0 (0 = per entry), got {tile}")
+        self.mask, self.mask_tile = mask, (tile if mask is not None else 0)
         self._block_masks.clear()
         self._empty_tiles.clear()
+        self._auto_choice.clear()
 
     def _aligned_mask(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """The installed mask at the given real positions: ``(1|B, H, Tq, Tk)``."""
+        """The installed mask at the given real positions, per entry: ``(1|B, H, Tq, Tk)``."""
         if self.mask.device != q_pos.device:
             self.mask = self.mask.to(q_pos.device)
-        m = self.mask  # (H, Q, K)
-        if int(q_pos.max()) >= m.shape[1] or int(k_pos.max()) >= m.shape[2]:
+        m, t = self.mask, max(self.mask_tile, 1)  # (H, Q/t, K/t)
+        if int(q_pos.max()) >= m.shape[1] * t or int(k_pos.max()) >= m.shape[2] * t:
             raise MaskError(f"site {self.name!r}: input reaches query position {int(q_pos.max())} / key position "
-                            f"{int(k_pos.max())} but the mask covers {m.shape[1]}x{m.shape[2]}; rebuild masks for a "
-                            f"longer max length")
+                            f"{int(k_pos.max())} but the mask covers {m.shape[1] * t}x{m.shape[2] * t}; rebuild masks "
+                            f"for a longer max length")
         if q_pos.shape[0] == 1 and k_pos.shape[0] == 1:  # no padding: a slice
             q0, k0 = int(q_pos[0, 0]), int(k_pos[0, 0])
-            return m[:, q0:q0 + q_pos.shape[1], k0:k0 + k_pos.shape[1]][None]  # (1, H, Tq, Tk)
-        qi = q_pos.clamp(min=0).expand(max(q_pos.shape[0], k_pos.shape[0]), -1)  # (B, Tq)
-        ki = k_pos.clamp(min=0).expand(qi.shape[0], -1)  # (B, Tk)
+            if t == 1:
+                return m[:, q0:q0 + q_pos.shape[1], k0:k0 + k_pos.shape[1]][None]  # (1, H, Tq, Tk)
+            rows = torch.arange(q0, q0 + q_pos.shape[1], device=m.device) // t  # (Tq,) tile of each query
+            cols = torch.arange(k0, k0 + k_pos.shape[1], device=m.device) // t  # (Tk,)
+            return m[:, rows[:, None], cols[None, :]][None]  # (1, H, Tq, Tk)
+        qi = q_pos.clamp(min=0).expand(max(q_pos.shape[0], k_pos.shape[0]), -1) // t  # (B, Tq)
+        ki = k_pos.clamp(min=0).expand(qi.shape[0], -1) // t  # (B, Tk)
         return m[:, qi[:, :, None], ki[:, None, :]].transpose(0, 1)  # (B, H, Tq, Tk)
 
     # --- forward -----------------------------------------------------------------------------------------------
@@ -146,7 +156,39 @@ class AttentionSite(nn.Module):
         else:
             q_pos = real_positions(q_padding, tq, 0 if q_offset is None else q_offset, q.device)  # (1|B, Tq)
         padded = q_padding is not None or k_padding is not None
+        need_probs = self.recorder is not None
+        backend = "eager" if need_probs else self.backend
+        if backend in ("auto", "flex", "block"):  # (two host syncs: only for backends that cache per position window)
+            window = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
+        if backend == "auto":
+            training = needs_grad(q, k, v)
+            choice = (window, training, dropout_p > 0, padded)
+            if choice not in self._auto_choice:
+                mask, is_causal = self._call_mask(q_pos, k_pos, padded)
+                self._auto_choice[choice] = self.choose_backend(mask, is_causal, padded, training, dropout_p, q_pos,
+                                                                k_pos, window)
+            backend = self._auto_choice[choice]
+        # flex: one BlockMask, block: one BlockPlan (kept tiles grouped for fused calls) per position window and head
+        # count, built once (masks and causality are input-independent); the element mask is only built for that
+        plan_key = (backend, q.shape[1], *window) if backend in ("flex", "block") and not padded else None
+        if plan_key is not None and plan_key in self._block_masks:
+            mask, is_causal = self._block_masks[plan_key], False
+        else:
+            mask, is_causal = self._call_mask(q_pos, k_pos, padded)
+            if plan_key is not None:
+                keep = self._window_keep(mask, is_causal, q_pos, k_pos, window)  # (1, H|1, Tq, Tk)
+                plan = flex_block_mask(keep) if backend == "flex" else block_plan(keep[0], q.shape[1], BLOCK_TILE)
+                self._block_masks[plan_key] = plan
+                mask, is_causal = plan, False
+        out, probs = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
+                               backend=backend, need_probs=need_probs)
+        if need_probs:
+            self.recorder(self, probs, q_pos, k_pos)
+        return out
 
+    def _call_mask(self, q_pos: Tensor, k_pos: Tensor, padded: bool) -> tuple[Optional[Tensor], bool]:
+        """This call's bool keep-mask ``(1|B, H|1, Tq, Tk)`` (installed mask, sliding window and, for padded calls,
+        padding and causality in real positions) or None, and whether the backend must still apply causality."""
         mask = self._aligned_mask(q_pos, k_pos) if self.mask is not None else None  # (1|B, H, Tq, Tk)
         band = self._band(q_pos, k_pos)  # (1|B, 1, Tq, Tk) or None: the sliding window
         if band is not None:
@@ -158,31 +200,7 @@ class AttentionSite(nn.Module):
                 keep = keep & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
             mask = keep if mask is None else mask & keep
             is_causal = False
-
-        need_probs = self.recorder is not None
-        backend = "eager" if need_probs else self.backend
-        if backend in ("auto", "flex", "block"):  # (two host syncs: only for backends that cache per position window)
-            window = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
-        if backend == "auto":
-            training = needs_grad(q, k, v)
-            backend = self.choose_backend(mask, is_causal, padded, training, dropout_p, q_pos, k_pos, window)
-        if backend == "flex" and not padded:
-            # One BlockMask per position window, built once (masks and causality are input-independent).
-            if window not in self._block_masks:
-                self._block_masks[window] = flex_block_mask(self._window_keep(mask, is_causal, q_pos, k_pos, window))
-            mask, is_causal = self._block_masks[window], False
-        elif backend == "block" and not padded:
-            # One BlockPlan per position window and head count (kept tiles grouped for fused SDPA calls).
-            key = ("plan", q.shape[1], *window)
-            if key not in self._block_masks:
-                keep = self._window_keep(mask, is_causal, q_pos, k_pos, window)[0]  # (H|1, Tq, Tk)
-                self._block_masks[key] = block_plan(keep, q.shape[1], BLOCK_TILE)
-            mask, is_causal = self._block_masks[key], False
-        out, probs = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
-                               backend=backend, need_probs=need_probs)
-        if need_probs:
-            self.recorder(self, probs, q_pos, k_pos)
-        return out
+        return mask, is_causal
 
     def _band(self, q_pos: Tensor, k_pos: Tensor) -> Optional[Tensor]:
         """The sliding window at real positions, ``(1|B, 1, Tq, Tk)`` bool (True = inside), or None when it cuts no key.

