@@ -21,7 +21,9 @@ training epoch (``trainer=debug``), and so does ``calibration_batches``; the sma
 
 The LightningModule must expose ``model`` (the ``nn.Module`` holding the ``AttentionSite``\\ s) and
 ``calibration_forward(batch)``; ``reinitialize()`` is needed for ``reinit=True``. The datamodule's
-``calibration_dataloader()`` is used when present (a fixed-order train loader), else ``train_dataloader()``.
+``calibration_dataloader()`` is used when present (a fixed-order train loader), else ``train_dataloader()``; under DDP
+each rank takes every ``world``-th batch, unless the datamodule says ``calibration_shards_itself`` (its loader already
+holds the rank's own share in order, e.g. Transformer-XL's streams, whose memory must see every segment).
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ class AttentionPruning(pl.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         n = min(len(loader), _epoch_batches(len(loader), trainer.limit_train_batches),
                 len(loader) if self.calibration_batches is None else self.calibration_batches)
+        if getattr(dm, "calibration_shards_itself", False):  # each rank's loader holds its own share, in order
+            rank, world = 0, 1
         batches = (b for i, b in enumerate(itertools.islice(loader, n)) if i % world == rank)
         bar = tqdm(batches, total=len(range(rank, n, world)), desc="calibrate", leave=False,
                    disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)

@@ -121,6 +121,8 @@ def write_results(s: RunState) -> dict[str, Any]:
                    sparsity_per_kind=callback.masks.meta.get("achieved_kinds", {}) if callback else {},
                    sparsity_per_site={k: v for k, v in achieved.items() if k != "overall"}, timing=s.timing,
                    stages=s.stages, config=resolved(s.cfg))
+    if getattr(s.module, "bleu_info", None):  # translation: how BLEU was computed (mode, sacreBLEU signature)
+        results["bleu"] = s.module.bleu_info
     # one writer under DDP (ranks a launcher started may have run no trainer: no process group)
     if s.cache.rank == 0 and not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         s.out.mkdir(parents=True, exist_ok=True)

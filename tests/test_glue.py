@@ -419,3 +419,13 @@ def test_unreadable_regression_score_names_its_line(tmp_path):
     path.write_text(path.read_text().replace("\t3.800", "\tn/a"))
     with pytest.raises(APError, match=r"STS-B/dev\.tsv:3: score 'n/a' is not a number"):
         glue.read_split(path, glue.TASKS["stsb"])
+
+
+def test_paper_glue_preset_runs_with_the_debug_trainer(tiny_encoder, tmp_path):
+    """experiment=paper_glue (BERT-base recipe: 3 epochs at 2e-5, batch 32, length 128) on the fixtures."""
+    cfg = compose_cfg(["experiment=paper_glue", f"data.dir={FIXTURES}", f"model.name_or_path={tiny_encoder}",
+                       "trainer=debug", "data.batch_size=2", "pruning.heatmaps=false", "logger=none",
+                       "trainer.enable_progress_bar=false", f"paths.output_dir={tmp_path}"])
+    assert (cfg.task.dense.lr, cfg.task.dense.max_epochs, cfg.data.max_seq_len) == (2e-5, 3, 128)
+    results = run(cfg)
+    assert results["task_name"] == "sst2" and "val/acc" in results["metrics"]

@@ -368,6 +368,7 @@ def test_wmt_pipeline_end_to_end(data_bin: Path, tmp_path: Path) -> None:
     assert set(kinds) == set(KINDS)
     assert abs(kinds["cross"] - 0.3) < 0.03 and abs(kinds["enc_self"] - 0.5) < 0.03
     assert (tmp_path / "run" / "masks.pt").is_file()
+    assert saved["bleu"]["test"]["mode"] == "sacrebleu" and "tok:13a" in saved["bleu"]["test"]["signature"]
 
 
 @pytest.mark.slow
@@ -389,3 +390,14 @@ def test_wmt_ddp_two_processes(data_bin: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert {"val/bleu", "test/bleu"} <= set(results["metrics"]) and results["sparsity_achieved"] > 0.45
+
+
+def test_paper_wmt14_preset_runs_with_the_debug_trainer(data_bin: Path, tmp_path: Path) -> None:
+    """experiment=paper_wmt14_en_de (fairseq's recipe, AP retrained from scratch, tokenized BLEU) on tiny data."""
+    tiny = [f"++{o}" if o.startswith("model.args.") else o for o in WMT_TINY[2:]]  # keys the preset's model lacks
+    cfg = compose_cfg(["experiment=paper_wmt14_en_de", *tiny, "trainer=debug", f"data.dir={data_bin}",
+                       "data.source_lang=de", "data.target_lang=en", f"paths.output_dir={tmp_path / 'run'}"])
+    assert cfg.task.module.bleu == "tokenized" and cfg.task.module.lenpen == 0.6 and cfg.pruning.reinit
+    results = run(cfg)
+    assert results["bleu"]["test"]["mode"] == "tokenized" and "tok:none" in results["bleu"]["test"]["signature"]
+    assert results["baseline"] == "dense" and abs(results["sparsity_achieved"] - 0.5) < 0.05

@@ -24,6 +24,8 @@ registered by name (like HF transformers' ``AttentionInterface``):
 
 Semantics shared by all backends:
 - ``mask`` is bool, broadcastable to ``(B, H, Tq, Tk)``, True = keep.
+- ``bias`` (``eager`` and ``sdpa`` only; others raise): a float score term broadcastable to ``(B, H, Tq, Tk)`` added to
+  the scaled ``q·k`` scores before masking, e.g. Transformer-XL's relative-position term.
 - ``is_causal`` aligns the causal triangle to the bottom-right corner (query ``i`` sees keys ``j <= i + Tk - Tq``), so a
   single query step against a key cache of length ``Tk`` sees every cached key (incremental decoding).
 - A query row with no kept key outputs zeros (and zero probabilities), never NaN.
@@ -47,6 +49,7 @@ from .errors import MaskError
 Backend = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], bool, float, float, bool], "tuple[Tensor, Optional[Tensor]]"]
 BACKENDS: dict[str, Backend] = {}
 PROB_BACKENDS: set[str] = set()
+BIAS_BACKENDS = {"eager", "sdpa"}  # backends that add a score ``bias`` (called with ``bias=`` only when one is given)
 
 
 def register_backend(name: str, returns_probs: bool = False) -> Callable[[Backend], Backend]:
@@ -84,10 +87,12 @@ def _keep(mask: Optional[Tensor], is_causal: bool, tq: int, tk: int, device: tor
 @register_backend("eager", returns_probs=True)
 def eager_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, dropout_p: float, scale: float,
-    need_probs: bool,
+    need_probs: bool, bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     tq, tk = q.shape[-2], k.shape[-2]
     att = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    if bias is not None:
+        att = att + bias
     keep = _keep(mask, is_causal, tq, tk, q.device)
     if keep is not None:
         # finfo.min (not -inf) keeps fully masked rows finite in forward and backward; they are zeroed below.
@@ -102,9 +107,14 @@ def eager_attention(
 @register_backend("sdpa")
 def sdpa_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, dropout_p: float, scale: float,
-    need_probs: bool,
+    need_probs: bool, bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     tq, tk = q.shape[-2], k.shape[-2]
+    if bias is not None:  # a float mask: the bias, -inf where not kept; rows with no kept key give 0
+        keep = _keep(mask, is_causal, tq, tk, q.device)
+        scores = bias if keep is None else bias.masked_fill(~keep, float("-inf"))  # (B|1, H, Tq, Tk)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores.to(q.dtype), dropout_p=dropout_p, scale=scale)
+        return (out if keep is None else torch.where(keep.any(-1, keepdim=True), out, 0.0)), None
     if mask is None and (not is_causal or tq == tk):
         # Fused path: SDPA's own is_causal is top-left aligned, which equals ours only when Tq == Tk.
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
@@ -432,11 +442,13 @@ def attention(
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
     need_probs: bool = False,
+    bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Attention over ``q (B, H, Tq, D)``, ``k, v (B, H, Tk, D)`` → ``(out (B, H, Tq, D), probs (B, H, Tq, Tk) | None)``.
 
     ``mask``: bool, broadcastable to ``(B, H, Tq, Tk)``, True = keep (the flex backend also takes a prepared
-    ``BlockMask``). ``need_probs`` requires a backend that computes them.
+    ``BlockMask``). ``need_probs`` requires a backend that computes them. ``bias``: float scores added to the scaled
+    ``q·k`` (``BIAS_BACKENDS`` only).
     """
     if backend not in BACKENDS:
         raise MaskError(f"unknown attention backend {backend!r}; choose one of {sorted(BACKENDS)} (attention.backend=...)")
@@ -445,4 +457,9 @@ def attention(
     if isinstance(mask, Tensor) and mask.dtype != torch.bool:
         raise MaskError(f"attention masks must be bool (True = keep), got {mask.dtype}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if bias is not None:
+        if backend not in BIAS_BACKENDS:
+            raise MaskError(f"backend {backend!r} cannot add a score bias (e.g. Transformer-XL's relative positions); "
+                            f"use one of {sorted(BIAS_BACKENDS)}")
+        return BACKENDS[backend](q, k, v, mask, is_causal, dropout_p, scale, need_probs, bias=bias)
     return BACKENDS[backend](q, k, v, mask, is_causal, dropout_p, scale, need_probs)

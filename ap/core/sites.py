@@ -8,6 +8,10 @@ A site holds no parameters. A model computes ``q, k, v`` with its own projection
 - during calibration hands the attention probabilities to a recorder (``AttentionStats``).
 
 A site's name is its dotted module path in the model (``blocks.0.attn.site``); ``find_sites`` binds the names.
+
+Causal sites with fewer query than key positions (``max_q < max_k``: Transformer-XL, whose keys are ``mem_len``
+memory slots followed by the segment) are aligned at the bottom-right: query ``i`` may see key ``j`` iff
+``j <= i + causal_shift`` with ``causal_shift = max_k - max_q`` (0 for ordinary causal sites).
 """
 
 from __future__ import annotations
@@ -73,9 +77,12 @@ class AttentionSite(nn.Module):
         self.kind = SiteKind(kind)
         self.n_heads, self.max_q, self.max_k = n_heads, max_q, max_k
         self.backend = backend
-        if sliding_window is not None and (not self.kind.causal or sliding_window < 1):
-            raise MaskError(f"a sliding window needs a causal (dec_self) site and a window of at least 1 key; got "
-                            f"{self.kind.value} with sliding_window={sliding_window}")
+        if sliding_window is not None and (not self.kind.causal or sliding_window < 1 or max_q != max_k):
+            raise MaskError(f"a sliding window needs a causal (dec_self) site with as many queries as keys and a "
+                            f"window of at least 1 key; got {self.kind.value} {max_q}x{max_k} with sliding_window="
+                            f"{sliding_window}")
+        if self.kind.causal and max_q > max_k:
+            raise MaskError(f"a causal site needs at least as many key as query positions, got {max_q}x{max_k}")
         self.sliding_window = sliding_window
         self.name = ""  # bound by find_sites
         self.recorder: Optional[Recorder] = None
@@ -88,6 +95,11 @@ class AttentionSite(nn.Module):
         self._empty_tiles: dict[tuple, float] = {}  # share of valid tiles the mask empties, per window (backend auto)
         self._auto_logged: set[tuple[str, bool]] = set()
         self._auto_choice: dict[tuple, str] = {}  # backend auto's choice per (window, training, dropout, padded)
+
+    @property
+    def causal_shift(self) -> int:
+        """Causal sites: query ``i`` may see keys ``j <= i + causal_shift`` (``max_k - max_q``); others: 0."""
+        return self.max_k - self.max_q if self.kind.causal else 0
 
     # --- masks -------------------------------------------------------------------------------------------------
     def set_mask(self, mask: Optional[Tensor], tile: int = 0) -> None:
@@ -139,6 +151,7 @@ class AttentionSite(nn.Module):
         k_offset: Optional[int | Tensor] = None,
         dropout_p: float = 0.0,
         scale: Optional[float] = None,
+        bias: Optional[Tensor] = None,
     ) -> Tensor:
         """``q (B, H, Tq, D)``, ``k, v (B, H, Tk, D)``, paddings ``(B, T)`` True = pad → ``(B, H, Tq, D)``.
 
@@ -146,18 +159,22 @@ class AttentionSite(nn.Module):
         ``(B, 1)`` (a padded incremental step: the new queries follow each row's own real cached keys). Default for
         self-attention without query padding: the new queries follow the row's real cached keys; otherwise 0.
         ``k_offset``: real position of the first real key, an int or per row ``(B, 1)`` (a sliding-window cache that
-        dropped its oldest keys); default 0.
+        dropped its oldest keys); default 0. ``bias``: float scores ``(B|1, H, Tq, Tk)`` added to the scaled ``q·k``
+        (backends eager and sdpa; ``auto`` then runs sdpa), e.g. Transformer-XL's relative-position term.
         """
         tq, tk = q.shape[-2], k.shape[-2]
         k_pos = real_positions(k_padding, tk, 0 if k_offset is None else k_offset, q.device)  # (1|B, Tk)
         if q_padding is None and q_offset is None and self.kind is not SiteKind.CROSS:
             # new queries follow the real (cached) keys of their own row: per-row offsets under key padding
-            q_pos = (k_pos.max(dim=1, keepdim=True).values + 1 - tq) + torch.arange(tq, device=q.device)  # (1|B, Tq)
+            last = k_pos.max(dim=1, keepdim=True).values - self.causal_shift  # (1|B, 1) the last query's position
+            q_pos = (last + 1 - tq) + torch.arange(tq, device=q.device)  # (1|B, Tq)
         else:
             q_pos = real_positions(q_padding, tq, 0 if q_offset is None else q_offset, q.device)  # (1|B, Tq)
         padded = q_padding is not None or k_padding is not None
         need_probs = self.recorder is not None
         backend = "eager" if need_probs else self.backend
+        if bias is not None and backend == "auto":
+            backend = "sdpa"  # the block-sparse backends add no score bias
         if backend in ("auto", "flex", "block"):  # (two host syncs: only for backends that cache per position window)
             window = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
         if backend == "auto":
@@ -181,7 +198,7 @@ class AttentionSite(nn.Module):
                 self._block_masks[plan_key] = plan
                 mask, is_causal = plan, False
         out, probs = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
-                               backend=backend, need_probs=need_probs)
+                               backend=backend, need_probs=need_probs, bias=bias)
         if need_probs:
             self.recorder(self, probs, q_pos, k_pos)
         return out
@@ -197,7 +214,7 @@ class AttentionSite(nn.Module):
         if padded:  # express padding and causality in real positions, as one bool mask
             keep = (k_pos >= 0)[:, None, None, :] & (q_pos >= 0)[:, None, :, None]  # (B, 1, Tq, Tk)
             if is_causal:
-                keep = keep & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
+                keep = keep & (k_pos[:, None, None, :] <= q_pos[:, None, :, None] + self.causal_shift)
             mask = keep if mask is None else mask & keep
             is_causal = False
         return mask, is_causal
@@ -212,12 +229,12 @@ class AttentionSite(nn.Module):
             return None
         return q_pos[:, None, :, None] - k_pos[:, None, None, :] < self.sliding_window  # (1|B, 1, Tq, Tk)
 
-    @staticmethod
-    def _window_keep(mask: Optional[Tensor], is_causal: bool, q_pos: Tensor, k_pos: Tensor, window: tuple) -> Tensor:
+    def _window_keep(self, mask: Optional[Tensor], is_causal: bool, q_pos: Tensor, k_pos: Tensor,
+                     window: tuple) -> Tensor:
         """The window's keep-mask with causality folded in: ``(1, H|1, Tq, Tk)``."""
         _, _, tq, tk, device = window
         keep = mask if mask is not None else torch.ones(1, 1, tq, tk, dtype=torch.bool, device=device)
-        return keep & (k_pos[0][None, :] <= q_pos[0][:, None]) if is_causal else keep
+        return keep & (k_pos[0][None, :] <= q_pos[0][:, None] + self.causal_shift) if is_causal else keep
 
     def choose_backend(self, mask: Optional[Tensor], is_causal: bool, padded: bool, training: bool, dropout_p: float,
                        q_pos: Tensor, k_pos: Tensor, window: tuple) -> str:

@@ -71,12 +71,13 @@ class AttentionStats:
         if int(q_pos.max()) >= max_q or int(k_pos.max()) >= max_k:
             raise APError(f"site {name!r}: positions up to {int(q_pos.max())}x{int(k_pos.max())} exceed the "
                           f"statistics size {max_q}x{max_k}")
+        shift = max_k - max_q if causal else 0  # causal: key j is valid for query i iff j <= i + shift
         if q_pos.shape[0] == 1 and k_pos.shape[0] == 1 and int(q_pos[0, 0]) == 0 and int(k_pos[0, 0]) == 0:
             # Fast path: no padding, positions 0..T-1.
             tq, tk = q_pos.shape[1], k_pos.shape[1]
             valid = torch.ones(tq, tk, dtype=torch.bool, device=probs.device)  # (Tq, Tk)
             if causal:
-                valid = torch.tril(valid)
+                valid = torch.tril(valid, diagonal=shift)
             if window is not None:
                 valid = torch.triu(valid, diagonal=1 - window)  # key j >= i - window + 1
             if t:  # summed over the batch in the input dtype, then per tile (no (B, H, Tq, Tk) float64 copy)
@@ -94,7 +95,7 @@ class AttentionStats:
         qp, kp = q_pos.expand(b, -1), k_pos.expand(b, -1)  # (B, Tq), (B, Tk)
         valid = (qp >= 0)[:, :, None] & (kp >= 0)[:, None, :]  # (B, Tq, Tk)
         if causal:
-            valid &= kp[:, None, :] <= qp[:, :, None]
+            valid &= kp[:, None, :] <= qp[:, :, None] + shift
         if window is not None:
             valid &= qp[:, :, None] - kp[:, None, :] < window
         bi, qi, ki = valid.nonzero(as_tuple=True)  # (N,) each

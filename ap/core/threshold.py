@@ -81,11 +81,28 @@ def _prune_beyond_window(dist: Tensor, weights: Tensor, protected: Tensor, spars
     return (cand & (flat_d >= w)).view(dist.shape)
 
 
-def _distances(kind: SiteKind, q: int, k: int) -> Tensor:
-    """``(q, k)`` int64 distance of key ``j`` from query ``i``: ``i - j`` (causal; the future is never valid) or
-    ``|i - j|`` (a band, for ``enc_self`` and ``cross``)."""
-    d = torch.arange(q)[:, None] - torch.arange(k)[None, :]  # (q, k)
+def _distances(kind: SiteKind, q: int, k: int, shift: int = 0) -> Tensor:
+    """``(q, k)`` int64 distance of key ``j`` from query ``i``: ``i + shift - j`` (causal; the future is never valid;
+    ``shift`` = the site's causal shift, in units) or ``|i - j|`` (a band, for ``enc_self`` and ``cross``)."""
+    d = torch.arange(q)[:, None] + shift - torch.arange(k)[None, :]  # (q, k)
     return d.clamp(min=0) if kind.causal else d.abs()
+
+
+def _diagonal_units(q: int, k: int, shift: int, unit: int) -> Tensor:
+    """``(ceil(q/unit), ceil(k/unit))`` bool: the units (entries, or ``unit``-tiles) holding an entry ``j = i + shift``
+    (each query's own key; ``shift`` = the causal shift of a site with memory keys, else 0)."""
+    i = torch.arange(q)
+    i = i[i + shift < k]  # (n,) queries whose own key exists
+    out = torch.zeros(-(-q // unit), -(-k // unit), dtype=torch.bool)
+    out[i // unit, (i + shift) // unit] = True
+    return out
+
+
+def _causal_units(q: int, k: int, shift: int, unit: int) -> Tensor:
+    """``(ceil(q/unit), ceil(k/unit))`` bool: the units holding an entry some query may see (``j <= i + shift``)."""
+    last_q = ((torch.arange(-(-q // unit)) + 1) * unit - 1).clamp(max=q - 1)  # (Qu,) last query of each unit row
+    first_k = torch.arange(-(-k // unit)) * unit  # (Ku,)
+    return first_k[None, :] <= last_q[:, None] + shift  # (Qu, Ku)
 
 
 def block_sparsity(masks: dict[str, Tensor], stats: AttentionStats, block_size: int) -> dict[str, float]:
@@ -195,6 +212,9 @@ def build_masks(
 
     # Units that are pruned or kept as a whole: entries (H, Q, K), or tiles (H, Q/bs, K/bs) with block_size.
     gen = torch.Generator().manual_seed(seed)
+    unit = block_size or 1  # entries or tiles
+    shapes = {n: tuple(s[2:]) for n, s in stats.signature().items()}  # element (Q, K) of each site
+    shift = {n: shapes[n][1] - shapes[n][0] if SiteKind(stats.kinds[n]).causal else 0 for n in names}
     weights = {n: stats.count[n].expand_as(stats.sum[n]) for n in names}  # (H, Q, K)
     if block_size and not tiled:
         weights = {n: tile_sum(w, block_size) for n, w in weights.items()}  # (H, Qb, Kb)
@@ -209,14 +229,15 @@ def build_masks(
     elif policy == "random":
         scores = {n: torch.rand(weights[n].shape, generator=gen, dtype=torch.float64) for n in names}
     else:  # sink_window: the nearest unit is the best
-        dist = {n: _distances(SiteKind(stats.kinds[n]), *weights[n].shape[1:]).expand_as(weights[n]) for n in names}
+        dist = {n: _distances(SiteKind(stats.kinds[n]), *weights[n].shape[1:], shift[n] // unit).expand_as(weights[n])
+                for n in names}
         scores = {n: -d.double() for n, d in dist.items()}
     pruned = {n: torch.zeros_like(weights[n], dtype=torch.bool) for n in names}
     protected = {n: _row_best(scores[n], weights[n] > 0) for n in names}  # each (block) row's best valid unit
     if block_size:  # self-attention: the diagonal tiles instead
         for n in names:
             if SiteKind(stats.kinds[n]) is not SiteKind.CROSS:
-                diag = torch.eye(*weights[n].shape[1:], dtype=torch.bool).expand_as(weights[n])  # (H, Qb, Kb)
+                diag = _diagonal_units(*shapes[n], shift[n], unit).expand_as(weights[n])  # (H, Qb, Kb)
                 protected[n] = diag & (weights[n] > 0)
     if keep_sinks < 0:
         raise APError(f"keep_sinks must be >= 0 (the first keys every query keeps), got {keep_sinks}")
@@ -227,7 +248,7 @@ def build_masks(
             sink = torch.arange(weights[n].shape[-1]) < n_sink  # (Ku,)
             protected[n] = protected[n] | (sink & (weights[n] > 0))
             if keep_sinks and SiteKind(stats.kinds[n]) is not SiteKind.CROSS:  # and the diagonal
-                diag = torch.eye(*weights[n].shape[1:], dtype=torch.bool)  # (Qu, Ku)
+                diag = _diagonal_units(*shapes[n], shift[n], unit)  # (Qu, Ku)
                 protected[n] = protected[n] | (diag & (weights[n] > 0))
 
     # Group the entries that share a threshold.
@@ -269,8 +290,8 @@ def build_masks(
             _, q, k = stats.sum[n].shape
             pruned[n] = pruned[n].repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)[:, :q, :k]
         keep = ~pruned[n]  # (H, Q, K); tiled: (H, Qb, Kb)
-        if SiteKind(stats.kinds[n]).causal:
-            keep &= torch.ones_like(keep[0]).tril()  # causal-future entries (tiles above the diagonal) are never kept
+        if SiteKind(stats.kinds[n]).causal:  # causal-future entries (tiles holding none other) are never kept
+            keep &= _causal_units(*shapes[n], shift[n], stats.tile or 1)
         masks[n] = keep
     return masks
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import hydra.utils
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -16,9 +17,25 @@ from ap.core.errors import APError
 
 
 def _build_lm(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    dm = instantiate(cfg.data, seed=cfg.seed)
+    """``model.arch``: ``transformer_lm`` (default; the data config's blocks) or ``transformer_xl`` (the same files
+    read as ordered streams in segments of ``model.tgt_len``, ``ap.tasks.lm.TransformerXLTask``)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    module = instantiate(cfg.task.module, model=model, vocab_size=dm.vocab_size, _convert_="all")  # plain hparams
+    arch = model.get("arch", "transformer_lm")
+    if arch == "transformer_lm":
+        dm = instantiate(cfg.data, seed=cfg.seed)
+        module = instantiate(cfg.task.module, model=model, vocab_size=dm.vocab_size, _convert_="all")  # plain hparams
+        return dm, module
+    if arch != "transformer_xl":
+        raise APError(f"unknown language model model.arch={arch!r}; use transformer_lm or transformer_xl")
+    from ap.tasks.lm import LMDataModule, LMStreamDataModule
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    if not issubclass(hydra.utils.get_class(data.pop("_target_")), LMDataModule):
+        raise APError(f"model=transformer_xl needs a language-modelling data config (data=lm_sample|wikitext103|...)")
+    dm = LMStreamDataModule(tgt_len=model["tgt_len"], seed=cfg.seed, **data)
+    eval_memory = model.pop("eval_memory", True)
+    module_cfg = OmegaConf.merge(cfg.task.module, {"_target_": "ap.tasks.lm.TransformerXLTask"})
+    module = instantiate(module_cfg, model=model, vocab_size=dm.vocab_size, eval_memory=eval_memory, _convert_="all")
     return dm, module
 
 
@@ -41,7 +58,7 @@ def _build_wmt(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningMod
     module = instantiate(cfg.task.module, fairseq_task=dm.task, arch=m.arch, args=m.args, checkpoint=m.checkpoint,
                          max_source_positions=cfg.data.max_source_positions,
                          max_target_positions=cfg.data.max_target_positions, backend=m.backend,
-                         post_process=cfg.data.post_process, _convert_="all")
+                         post_process=cfg.data.post_process, target_lang=cfg.data.target_lang, _convert_="all")
     return dm, module
 
 

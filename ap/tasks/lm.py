@@ -1,4 +1,5 @@
-"""Language modelling: a WikiText-format DataModule and a LightningModule around ``TransformerLM``.
+"""Language modelling: WikiText-format DataModules and LightningModules around ``TransformerLM`` (independent blocks)
+and ``TransformerXL`` (``model=transformer_xl``: ordered streams read in segments, with memory).
 
 Metrics: ``train/loss``, ``val/loss``, ``val/ppl``, ``test/loss``, ``test/ppl`` (token-weighted over the whole split).
 """
@@ -12,10 +13,12 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from ap.core.errors import APError
 from ap.data import loaders, wikitext
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
+from ap.models.transformer_xl import TransformerXL, TransformerXLConfig, XLOutput
 
 
 class LMDataModule(pl.LightningDataModule):
@@ -77,9 +80,14 @@ class LanguageModelTask(pl.LightningModule):
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = TransformerLM(TransformerLMConfig(**{**model, "vocab_size": vocab_size}))
+        self.model = self.build_model(model, vocab_size)
         self.lr = lr
         self._eval_sums = torch.zeros(2, dtype=torch.float64)  # (sum of token NLL, tokens) of the running eval epoch
+
+    @staticmethod
+    def build_model(model: dict[str, Any], vocab_size: int) -> TransformerLM:
+        fields = {k: v for k, v in model.items() if k != "arch"}
+        return TransformerLM(TransformerLMConfig(**{**fields, "vocab_size": vocab_size}))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)[0]
@@ -147,3 +155,95 @@ class LanguageModelTask(pl.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class LMStreams(Dataset):
+    """Transformer-XL's ordered iterator over one split: the token stream cut into ``rows`` contiguous streams (one per
+    batch row; the tail that does not fill every row is dropped), read in consecutive segments of ``tgt_len`` tokens.
+    Item ``s`` is ``(x (r, ≤T), y (r, ≤T), s)``, ``y`` the next tokens, ``r = rows / world`` this rank's streams (the
+    last segment may be shorter)."""
+
+    def __init__(self, ids: Tensor, rows: int, tgt_len: int, rank: int = 0, world: int = 1) -> None:
+        n = (len(ids) - 1) // rows  # tokens per stream
+        if n < 1 or rows % world:
+            raise APError(f"{len(ids):,} tokens cannot make {rows} streams over {world} ranks: use a batch size that is "
+                          f"a multiple of the number of devices and at most the number of tokens")
+        self.x = ids[: n * rows].view(rows, n)[rank::world]  # (r, n)
+        self.y = ids[1: n * rows + 1].view(rows, n)[rank::world]  # (r, n)
+        self.tgt_len = tgt_len
+
+    def __len__(self) -> int:
+        return -(-self.x.shape[1] // self.tgt_len)
+
+    def __getitem__(self, s: int) -> tuple[Tensor, Tensor, int]:
+        seg = slice(s * self.tgt_len, (s + 1) * self.tgt_len)
+        return self.x[:, seg], self.y[:, seg], s
+
+
+class LMStreamDataModule(LMDataModule):
+    """The WikiText-format splits as Transformer-XL reads them: ``batch_size`` (training) or ``eval_batch_size``
+    (evaluation, calibration) contiguous streams in consecutive segments of ``tgt_len`` tokens, always in order, so a
+    model with memory carries real context from one batch to the next. Under DDP each rank reads its own streams
+    (``calibration_shards_itself``: the callback gives every rank all of its own calibration batches)."""
+
+    calibration_shards_itself = True
+
+    def __init__(self, tgt_len: int, block_len: Optional[int] = None, **kw: Any) -> None:
+        super().__init__(block_len=tgt_len, **kw)  # (block_len of the data config is the plain LM's; unused here)
+        self.tgt_len = tgt_len
+
+    def _streams(self, split: str, rows: int) -> DataLoader:
+        ds = LMStreams(self.ids[split], rows, self.tgt_len, *loaders.rank_world(self))
+        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers)  # items are batches
+
+    def train_dataloader(self) -> DataLoader:
+        return self._streams("train", self.batch_size)
+
+    def calibration_dataloader(self) -> DataLoader:
+        """The train streams in order with memory (a ``calibration_batches`` cap reads the first segments)."""
+        return self._streams("train", self.eval_batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._streams("valid", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._streams("test", self.eval_batch_size)
+
+
+class TransformerXLTask(LanguageModelTask):
+    """Language modelling with ``TransformerXL``. Batches are consecutive segments ``(x, y, s)`` of the same streams;
+    training, evaluation and calibration each carry their own memory from one segment to the next and start empty at
+    a stream's first segment (``s == 0``). ``eval_memory=false`` evaluates every segment without memory (the same
+    model without recurrence at test time)."""
+
+    def __init__(self, model: dict[str, Any], vocab_size: int, lr: float = 1e-3, weight_decay: float = 0.01,
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, eval_memory: bool = True) -> None:
+        super().__init__(model, vocab_size, lr, weight_decay, warmup_steps, min_lr_ratio)
+        self.eval_memory = eval_memory
+        self._mems: dict[str, Optional[list[Tensor]]] = {}
+
+    @staticmethod
+    def build_model(model: dict[str, Any], vocab_size: int) -> TransformerXL:
+        fields = {k: v for k, v in model.items() if k != "arch"}
+        return TransformerXL(TransformerXLConfig(**{**fields, "vocab_size": vocab_size}))
+
+    def _forward(self, batch: tuple[Tensor, Tensor, int], loop: str) -> XLOutput:
+        x, y, s = batch  # (B, T), (B, T), segment index
+        if int(s) == 0 or (loop == "eval" and not self.eval_memory):
+            self._mems[loop] = None  # a stream starts: empty memory
+        out = self.model(x, y, mems=self._mems.get(loop))
+        self._mems[loop] = out.mems
+        return out
+
+    def calibration_forward(self, batch: tuple[Tensor, Tensor, int]) -> None:
+        self._forward(batch, "calibrate")
+
+    def training_step(self, batch: tuple[Tensor, Tensor, int], batch_idx: int) -> Tensor:
+        loss = self._forward(batch, "train").loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor, int]) -> None:
+        out = self._forward(batch, "eval")
+        n = (batch[1] != -100).sum()
+        self._eval_sums += torch.stack([out.nll.sum().detach(), n.to(out.nll.dtype)]).double()  # (nll sum, tokens)

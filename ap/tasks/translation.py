@@ -5,14 +5,19 @@
 - Model: ``TransformerModel`` by architecture name (``model.arch``), or a user's fairseq checkpoint
   (``model.checkpoint``); every attention is an AP site (``ap.models.fairseq_mt``).
 - Loss: fairseq's label-smoothed cross-entropy per target token; optimiser Adam with fairseq's inverse-sqrt warm-up.
-- Metrics: ``{val,test}/loss`` (label-smoothed), ``/nll``, ``/ppl`` (token-weighted over the split) and ``/bleu``
-  (sacreBLEU on detokenized beam-search output; computed in evaluation runs, not in the validations inside ``fit``).
+- Metrics: ``{val,test}/loss`` (label-smoothed), ``/nll``, ``/ppl`` (token-weighted over the split) and ``/bleu`` of the
+  beam-search output (computed in evaluation runs, not in the validations inside ``fit``), as papers report it
+  (``bleu``): ``sacrebleu`` = sacreBLEU's own tokenization on detokenized hypotheses against raw references (the
+  split's references from the data, or ``reference_files``; ``detokenize=moses`` undoes Moses tokenization first),
+  with its signature in results.json; ``tokenized`` = BLEU on the data's own tokens with hyphenated compounds split
+  (fairseq's WMT14 en-de convention, ``compound_split_bleu.sh``: what Vaswani et al. and the AP paper report).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -27,6 +32,27 @@ from ap.data.translation import ensure_data_bin
 from ap.models import fairseq_mt
 
 log = logging.getLogger(__name__)
+BLEU_MODES = ("sacrebleu", "tokenized")
+
+
+def compound_split(line: str) -> str:
+    """``a-b`` → ``a ##AT##-##AT## b`` (fairseq's scripts/compound_split_bleu.sh, non-overlapping like its perl)."""
+    return re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", line)
+
+
+def corpus_bleu(hyps: list[str], refs: list[str], mode: str = "sacrebleu") -> tuple[float, str]:
+    """``(BLEU, sacreBLEU signature)`` of ``hyps`` against one reference each: ``sacrebleu`` (its 13a tokenization of
+    detokenized text) or ``tokenized`` (the given tokens, compound-split, no further tokenization)."""
+    import sacrebleu
+
+    if mode not in BLEU_MODES:
+        raise APError(f"task.module.bleu={mode!r}: use one of {BLEU_MODES}")
+    if mode == "tokenized":
+        metric = sacrebleu.BLEU(tokenize="none", force=True)
+        hyps, refs = [compound_split(h) for h in hyps], [compound_split(r) for r in refs]
+    else:
+        metric = sacrebleu.BLEU()
+    return metric.corpus_score(hyps, [refs]).score, str(metric.get_signature())
 Batch = dict[str, Any]  # fairseq's collated sample: id, nsentences, ntokens, net_input{src_tokens, ...}, target
 
 
@@ -147,9 +173,16 @@ class TranslationTask(pl.LightningModule):
                  backend: str = "sdpa", post_process: str = "sentencepiece", label_smoothing: float = 0.1,
                  lr: float = 1e-3, warmup_updates: int = 4000, warmup_init_lr: float = 1e-7,
                  betas: tuple[float, float] = (0.9, 0.98), weight_decay: float = 0.0, beam: int = 5,
-                 lenpen: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10) -> None:
+                 lenpen: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10, bleu: str = "sacrebleu",
+                 detokenize: str = "none", reference_files: Optional[dict[str, str]] = None,
+                 target_lang: str = "en") -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["fairseq_task"])
+        if bleu not in BLEU_MODES:
+            raise APError(f"task.module.bleu={bleu!r}: use one of {BLEU_MODES}")
+        if detokenize not in ("none", "moses"):
+            raise APError(f"task.module.detokenize={detokenize!r}: use none or moses")
+        self.bleu_info: dict[str, Any] = {}  # per split: mode and sacreBLEU signature (results.json "bleu")
         self.fairseq_task = fairseq_task
         self.src_dict, self.tgt_dict = fairseq_task.source_dictionary, fairseq_task.target_dictionary
         positions = {"max_source_positions": max_source_positions, "max_target_positions": max_target_positions}
@@ -294,16 +327,50 @@ class TranslationTask(pl.LightningModule):
         return out
 
     def bleu(self, dataset_size: int, split: str) -> float:
-        """sacreBLEU over every sentence of the split (fails if any sentence got no hypothesis)."""
-        import sacrebleu
-
+        """BLEU over every sentence of the split, as ``task.module.bleu`` says (fails if any sentence got no
+        hypothesis); the mode and sacreBLEU signature go to ``bleu_info``."""
         if len(self._text) != dataset_size and not _limited(self.trainer, split):
             raise APError(f"beam search translated {len(self._text)} of {dataset_size} sentences")
+        h = self.hparams
         ids = sorted(self._text)
-        return sacrebleu.corpus_bleu([self._text[i][0] for i in ids], [[self._text[i][1] for i in ids]]).score
+        hyps, refs = [self._text[i][0] for i in ids], [self._text[i][1] for i in ids]
+        source = "data"
+        if h.bleu == "sacrebleu":
+            if h.detokenize == "moses":
+                hyps, refs = moses_detokenize(hyps, h.target_lang), moses_detokenize(refs, h.target_lang)
+            files = h.reference_files or {}
+            key = "valid" if split == "val" else split
+            if files.get(key):
+                lines = read_references(files[key], dataset_size, f"task.module.reference_files.{key}")
+                refs, source = [lines[i] for i in ids], files[key]
+        score, signature = corpus_bleu(hyps, refs, h.bleu)
+        self.bleu_info[split] = {"mode": h.bleu, "signature": signature, "references": source,
+                                 "detokenize": h.detokenize}
+        return score
 
 
 def _limited(trainer: pl.Trainer, split: str) -> bool:
     """Is evaluation of ``split`` capped (``limit_val_batches``/``limit_test_batches``), so a partial split is expected?"""
     value = getattr(trainer, "limit_test_batches" if split == "test" else "limit_val_batches", 1.0)
     return isinstance(value, int) or (isinstance(value, float) and value < 1.0)  # int = batches, float = fraction
+
+
+def moses_detokenize(lines: list[str], lang: str) -> list[str]:
+    """Undo Moses tokenization (sacremoses), e.g. for BPE'd WMT data-bins, before sacreBLEU."""
+    try:
+        from sacremoses import MosesDetokenizer
+    except ImportError as e:
+        raise APError("task.module.detokenize=moses needs sacremoses: pip install sacremoses") from e
+    detok = MosesDetokenizer(lang=lang)
+    return [detok.detokenize(line.split()) for line in lines]
+
+
+def read_references(path: str, n: int, key: str) -> list[str]:
+    """The raw reference lines of a split (line ``i`` = sentence id ``i``); one error line if missing or short."""
+    file = Path(path)
+    if not file.is_file():
+        raise APError(f"{key}={path} does not exist: give the raw (untokenized) reference file of the split")
+    lines = file.read_text(encoding="utf-8").splitlines()
+    if len(lines) != n:
+        raise APError(f"{key}={path} has {len(lines)} lines but the split has {n} sentences")
+    return lines

@@ -1,0 +1,40 @@
+"""BLEU as papers report it (task.module.bleu): sacreBLEU on detokenized text with its signature, or tokenized BLEU
+with compound splitting (fairseq's WMT14 en-de convention)."""
+
+from __future__ import annotations
+
+import pytest
+import sacrebleu
+
+from ap.core import APError
+from ap.tasks.translation import compound_split, corpus_bleu, moses_detokenize, read_references
+
+
+def test_compound_split_follows_fairseqs_perl_rule():
+    assert compound_split("ein Know-how-Transfer") == "ein Know ##AT##-##AT## how ##AT##-##AT## Transfer"
+    assert compound_split("a-b-c") == "a ##AT##-##AT## b-c"  # matches do not overlap, as perl's s///g
+    assert compound_split("a - b") == "a - b" and compound_split("x-y z-1") == "x ##AT##-##AT## y z ##AT##-##AT## 1"
+
+
+def test_tokenized_bleu_counts_compound_parts_and_sacrebleu_tokenizes_itself():
+    hyps, refs = ["das ist ein Know-how Test"], ["das ist ein Know-what Test"]
+    split, sig = corpus_bleu(hyps, refs, "tokenized")
+    plain = sacrebleu.BLEU(tokenize="none").corpus_score(hyps, [refs]).score
+    assert "tok:none" in sig and split > plain  # "Know" and "-" now match
+    same, _ = corpus_bleu(["Hello , world !"], ["Hello , world !"], "tokenized")
+    assert same == pytest.approx(100.0)
+    detok, sig = corpus_bleu(["Hello, world!"], ["Hello , world !"], "sacrebleu")
+    assert "tok:13a" in sig and detok == pytest.approx(100.0)  # 13a splits the punctuation of the hypothesis
+    with pytest.raises(APError, match="use one of"):
+        corpus_bleu(hyps, refs, "multi")
+
+
+def test_moses_detokenization_and_reference_files(tmp_path):
+    assert moses_detokenize(["Hello , world !", "it 's"], "en") == ["Hello, world!", "it's"]
+    refs = tmp_path / "newstest.de"
+    refs.write_text("eins\nzwei\n", encoding="utf-8")
+    assert read_references(str(refs), 2, "task.module.reference_files.test") == ["eins", "zwei"]
+    with pytest.raises(APError, match="has 2 lines but the split has 3"):
+        read_references(str(refs), 3, "task.module.reference_files.test")
+    with pytest.raises(APError, match="does not exist"):
+        read_references(str(tmp_path / "missing"), 3, "task.module.reference_files.test")
