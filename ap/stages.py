@@ -312,7 +312,7 @@ def dense_finetune_baseline(s: RunState) -> None:
         return
     if pruning.reinit or not pruning.finetune:  # from scratch, or training-free: compared with the dense model
         s.results["baseline"] = "dense"
-        if cfg.task.dense.max_steps != cfg.task.finetune.max_steps:
+        if pruning.reinit and cfg.task.dense.max_steps != cfg.task.finetune.max_steps:
             log.warning(f"pruning.reinit=true trains the pruned model from scratch for {cfg.task.finetune.max_steps} "
                         f"steps, its dense baseline trained for {cfg.task.dense.max_steps}: set task.finetune.max_steps "
                         f"= task.dense.max_steps for a comparison at equal steps")

@@ -37,7 +37,8 @@ PLUGIN_LAUNCHERS = {"joblib": JOBLIB, "submitit_local": LOCAL, "submitit_slurm":
 SEARCHES = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in (CONF / "experiment").glob("sweep_*.yaml"))
 # the sparsity-curve presets and the task they run
-CURVES = {"sweep_lm_sample": ("lm", "lm_sample"), "sweep_glue_sample": ("glue", "glue_sample"),
+CURVES = {"sweep_lm_sample": ("lm", "lm_sample"), "sweep_txl_sample": ("lm", "lm_sample"),
+          "sweep_glue_sample": ("glue", "glue_sample"),
           "sweep_wmt_sample": ("wmt", "wmt_sample")}
 
 
@@ -206,6 +207,11 @@ def test_curve_preset_has_seven_ap_points_and_random_at_three_of_them(preset):
     assert not by_policy, f"unexpected policies {sorted(by_policy)}"
     assert len(ap) >= 7 and min(ap) == pytest.approx(0.2) and max(ap) == pytest.approx(0.95), sorted(ap)
     assert len(random) >= 3 and random <= ap, (sorted(random), sorted(ap))
+
+
+def test_txl_curve_runs_transformer_xl_with_memory():
+    assert {(j.model.arch, j.model.mem_len > 0, j.model.eval_memory) for j in job_configs("sweep_txl_sample")} == {
+        ("transformer_xl", True, True)}
 
 
 def test_wmt_kinds_preset_prunes_each_kind_alone_and_all_together():

@@ -238,12 +238,25 @@ def block_plan(keep: Tensor, n_heads: int, bs: int = BLOCK_TILE) -> BlockPlan:
         return _block_plan(keep, n_heads, bs)
 
 
+def _tiles_with_any(keep: Tensor, h: int, qb: int, kb: int, bs: int) -> Tensor:
+    """``(H, Qb, Kb)``: which ``bs × bs`` tiles of the contiguous bool ``keep (H, Qb*bs, Kb*bs)`` hold a True. Eight
+    bools at a time as one int64 when ``bs % 8 == 0`` (bool ``any`` over strided tiles took 2.9 s for SmolLM2's 9 heads
+    at 4,096 tokens, this 0.05 s)."""
+    if bs % 8 == 0 and keep.is_contiguous():
+        packed = keep.view(torch.int64).view(h, qb, bs, kb, bs // 8)  # (H, Qb, bs, Kb, bs/8): bytes are 0 or 1
+        return packed.amax(dim=-1).ne(0).any(dim=2)
+    return keep.view(h, qb, bs, kb, bs).any(dim=4).any(dim=2)
+
+
 def _block_plan(keep: Tensor, n_heads: int, bs: int) -> BlockPlan:
     _, tq, tk = keep.shape
     qb, kb = -(-tq // bs), -(-tk // bs)
     kp = kb * bs
-    keep = F.pad(keep.expand(n_heads, tq, tk), (0, kp - tk, 0, qb * bs - tq))  # (H, Qp, Kp), padding never kept
-    kept = keep.view(n_heads, qb, bs, kb, bs).any(dim=4).any(dim=2)  # (H, Qb, Kb) tiles with a kept entry
+    keep = keep.expand(n_heads, tq, tk)
+    if kp != tk or qb * bs != tq:
+        keep = F.pad(keep, (0, kp - tk, 0, qb * bs - tq))  # (H, Qp, Kp), padding never kept
+    keep = keep.contiguous()  # (no copy when already whole tiles of H heads)
+    kept = _tiles_with_any(keep, n_heads, qb, kb, bs)  # (H, Qb, Kb) tiles with a kept entry
     ar = torch.arange(bs, device=keep.device)
     tril = torch.ones(bs, bs, dtype=torch.bool, device=keep.device).tril()
     parts, covered = [], torch.zeros(n_heads * qb, dtype=torch.bool, device=keep.device)
