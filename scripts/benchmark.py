@@ -172,8 +172,8 @@ def mask_file_case(masks: MaskSet, length: int, tile: int) -> Case:
     ``tile``-tiles they keep (tile masks: their own tile, which must be ``tile``)."""
     if masks.tile and masks.tile != tile:
         raise SystemExit(f"--masks holds {masks.tile}-tile masks: pass --tile {masks.tile}")
-    unit = 1 if masks.tile else tile
-    n = -(-length // unit)
+    unit = 1 if masks.tile else tile  # count per mask unit: tile masks are already tiles
+    n = -(-length // (masks.tile or 1))  # the mask grid: entries, or tiles of a tile mask
     valid = torch.ones(n, n, dtype=torch.bool).tril()  # causal entries (tiles) of the mask grid
     counts = [empty_tiles(m, valid.expand_as(m), unit) for m in masks.masks.values()]  # (empty, valid) per site
     kept = 1 - sum(e for e, _ in counts) / sum(t for _, t in counts)

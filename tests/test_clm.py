@@ -116,3 +116,30 @@ def test_benchmark_times_whole_model_prefill_of_an_hf_folder(tiny_llama, tmp_pat
     assert all(float(r["seconds"]) > 0 for r in rows) and rows[0]["what"] == f"{tiny_llama.name} prefill"
     # 64 positions in 16-wide tiles: 10 valid tiles, the 4 diagonal ones kept at 90 %: ideal 10/4
     assert float(rows[-1]["ideal"]) == 2.5
+
+
+def test_tiled_masks_of_a_clm_run_drive_the_prefill_benchmark(tiny_data, tiny_llama, tmp_path):
+    """A training-free tiled run (statistics and masks per 16-tile) and benchmark.py --masks on its masks.pt: the kept
+    share of tiles it reports is the one of the element masks the tiles stand for."""
+    import csv
+    import subprocess
+    import sys
+
+    from ap.core import MaskSet
+    from ap.core.attention import empty_tiles
+    from conftest import ROOT
+
+    run(clm_cfg(tiny_data, tiny_llama, tmp_path / "run", "pruning=ap70", "pruning.finetune=false",
+                "task.data.seq_len=64", "pruning.block_size=16", "pruning.tiled=true"))
+    masks = MaskSet.load(tmp_path / "run/masks.pt")
+    assert masks.tile == 16 and next(iter(masks.masks.values())).shape == (4, 4, 4)
+    valid = torch.ones(64, 64, dtype=torch.bool).tril()
+    counts = [empty_tiles(masks.element_mask(n), valid.expand(4, 64, 64), 16) for n in masks.masks]
+    kept = 1 - sum(e for e, _ in counts) / sum(t for _, t in counts)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark.py"), "--lengths", "--model", str(tiny_llama),
+                           "--masks", str(tmp_path / "run/masks.pt"), "--tile", "16", "--repeats", "1",
+                           "--out", str(tmp_path / "bench")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "bench/benchmark.csv")))
+    assert [r["backend"] for r in rows] == ["sdpa causal (dense)", "skip (bound)", "block"]
+    assert float(rows[-1]["ideal"]) == pytest.approx(1 / kept) and kept < 1

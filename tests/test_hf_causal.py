@@ -214,3 +214,19 @@ def test_mask_builder_blanks_padded_queries_of_causal_masks_only():
     # cross-attention: decoder queries, encoder padding: bidirectional, left as sdpa_mask builds it
     cross = ap_mask(3, 2, 4, mask_function=bidirectional_mask_function, attention_mask=real)
     assert torch.equal(cross, sdpa_mask(3, 2, 4, mask_function=bidirectional_mask_function, attention_mask=real))
+
+
+def test_the_causal_mask_is_read_once_per_forward_and_again_for_a_new_mask(monkeypatch):
+    """Every layer gets the same mask tensor: its positions are read by the first and reused by the others; another
+    batch (a new mask) is read again, so padded and unpadded batches still equal the model's own attention."""
+    from ap.models import hf
+
+    ref, model, _ = models("llama")
+    reads = []
+    original = hf._causal_self_positions
+    monkeypatch.setattr(hf, "_causal_self_positions", lambda *a: reads.append(a[0].shape) or original(*a))
+    for side in ("left", "right"):
+        batch = pad(sequences(), side)
+        real = batch["attention_mask"].bool()  # (B, T): padded positions' outputs are arbitrary
+        torch.testing.assert_close(logits(model, **batch)[real], logits(ref, **batch)[real], atol=1e-5, rtol=0)
+    assert len(reads) == 2  # one per forward, not one per layer (2 layers)

@@ -33,6 +33,7 @@ chunked attention or a window the site does not know).
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -66,8 +67,8 @@ def ap_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
             raise MaskError(f"expected a bool attention mask from the 'ap' mask builder, got {attention_mask.dtype}; "
                             f"pass a 2-D attention_mask (or a bool 4-D one) to a model switched by attach_sites")
         if site.kind is SiteKind.DEC_SELF:
-            q_padding, k_padding, q_offset, k_offset = _causal_self_positions(attention_mask, query.shape[0],
-                                                                              key.shape[-2], site)
+            q_padding, k_padding, q_offset, k_offset = _cached_causal_positions(attention_mask, query.shape[0],
+                                                                                key.shape[-2], site)
         else:
             see = attention_mask.any(dim=1)  # (B, q, k)
             k_padding = ~see.any(dim=1)  # (B, k): keys that no query may see = padding
@@ -80,6 +81,24 @@ def ap_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
     out = site(query, key, value, q_padding=q_padding, k_padding=k_padding, q_offset=q_offset, k_offset=k_offset,
                dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None  # (B, q, H, d)
+
+
+_LAST_POSITIONS: dict[str, Any] = {}  # the positions of the last causal mask seen (one entry)
+
+
+def _cached_causal_positions(mask: Tensor, batch: int, n_keys: int, site: AttentionSite) -> tuple[Any, Any, Any, Any]:
+    """``_causal_self_positions``, computed once per mask: transformers builds one mask per forward and hands the same
+    tensor to every layer, so the other layers reuse the first one's reading (at 4,096 tokens reading and checking
+    the (q, K) mask cost ~50 ms per layer, as much as block-sparse attention itself). Keyed by the tensor object (a
+    weak reference: a new mask is a new object), its in-place version, and what else the reading depends on."""
+    version = -1 if mask.is_inference() else mask._version  # (inference tensors keep no version counter)
+    key = (batch, n_keys, site.sliding_window, version)
+    last = _LAST_POSITIONS.get("mask")
+    if last is not None and last[0]() is mask and last[1] == key:
+        return last[2]
+    result = _causal_self_positions(mask, batch, n_keys, site)
+    _LAST_POSITIONS["mask"] = (weakref.ref(mask), key, result)
+    return result
 
 
 def _causal_self_positions(mask: Tensor, batch: int, n_keys: int, site: AttentionSite) -> tuple[Any, Any, Any, Any]:
