@@ -90,8 +90,9 @@ def run_stages(cfg: DictConfig) -> dict[str, Any]:
 
     if (out / "results.json").exists():
         raise APError(f"{out} already holds results.json; choose a new output directory (hydra.run.dir=...)")
-    log.info(f"Building task {cfg.task.type}/{cfg.task.name}: data <{cfg.data._target_}>, module <{cfg.task.module._target_}>")
     dm, module = build(cfg)
+    log.info(f"Built task {cfg.task.type}/{cfg.task.name}: data <{type(dm).__module__}.{type(dm).__qualname__}>, "
+             f"module <{type(module).__module__}.{type(module).__qualname__}>")
     callback: Optional[AttentionPruning] = None
     if pruning.enabled:
         callback = AttentionPruning(

@@ -36,7 +36,7 @@ def test_paper_wmt_and_glue_presets_hold_the_papers_grids():
 def test_paper_wt103_preset_runs_with_the_debug_trainer(tiny_data, tmp_path):
     """The preset's recipe on tiny data: the model shrunk (and cutoffs below the tiny vocabulary), all else as set."""
     small = ["model.n_layers=2", "model.n_heads=2", "model.d_model=32", "model.d_head=16", "model.d_inner=64",
-             "model.cutoffs=[20]", "data.batch_size=4", "data.eval_batch_size=2"]
+             "model.cutoffs=[20]", "data.batch_size=4", "model.eval_streams=2"]
     keep = [o for o in TINY if not o.startswith(("model.", "data.", "task."))]
     cfg = compose_cfg(["experiment=paper_wt103", *keep, *small, "trainer=debug", f"data.dir={tiny_data}",
                        f"paths.output_dir={tmp_path}"])

@@ -12,6 +12,7 @@ import torch
 
 from ap.core import AttentionStats, MaskError, calibrate, find_sites
 from ap.core.threshold import achieved_sparsity, build_masks
+from ap.data.wikitext import read_tokens
 from ap.models.transformer_xl import TransformerXL, TransformerXLConfig
 from ap.run import run
 from ap.tasks.lm import LMStreams
@@ -152,7 +153,11 @@ def test_the_pipeline_prunes_transformer_xl_and_evaluates_with_memory(tiny_data,
 
     results = run(tiny_cfg("pruning=ap50", out=tmp_path / "ap"))
     assert results["sparsity_achieved"] == pytest.approx(0.5, abs=0.01)
+    assert results["config"]["model"]["eval_streams"] == 10
     masks = torch.load(tmp_path / "ap/masks.pt", weights_only=True)
+    calibration = masks["meta"]["calibration"]  # the first 8 segments (calibration_batches) of 10 train streams
+    assert (len(read_tokens(tiny_data / "wiki.train.tokens")) - 1) // 10 > 8 * 8
+    assert calibration["batches"] == 8 and calibration["tokens"] == 8 * 10 * 8
     assert masks["meta"]["model"]["sites"]["layers.0.attn.site"] == ["dec_self", 2, 8, 16]
     assert json.loads((tmp_path / "ap/results.json").read_text())["metrics"]["test/ppl"] > 1
     no_mem = run(tiny_cfg("pruning=none", "model.eval_memory=false", out=tmp_path / "nomem"))

@@ -32,6 +32,7 @@ def _build_lm(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModu
     data = OmegaConf.to_container(cfg.data, resolve=True)
     if not issubclass(hydra.utils.get_class(data.pop("_target_")), LMDataModule):
         raise APError(f"model=transformer_xl needs a language-modelling data config (data=lm_sample|wikitext103|...)")
+    data["eval_batch_size"] = model.pop("eval_streams", data["eval_batch_size"])  # streams, not blocks, per batch
     dm = LMStreamDataModule(tgt_len=model["tgt_len"], seed=cfg.seed, **data)
     eval_memory = model.pop("eval_memory", True)
     module_cfg = OmegaConf.merge(cfg.task.module, {"_target_": "ap.tasks.lm.TransformerXLTask"})
