@@ -103,7 +103,7 @@ def test_auto_backend_runs_block_at_inference_on_cpu_and_matches_eager():
     with torch.no_grad():
         out = site(q, k, v)
         assert site._auto_logged == {("block", False)}, "on CPU auto runs block (faster than flex) at inference"
-        assert [key[0] for key in site._block_masks] == ["plan"]
+        assert [key[0] for key in site._block_masks] == ["block"]  # one block plan, no flex BlockMask
         site.backend = "eager"
         torch.testing.assert_close(out, site(q, k, v), atol=1e-5, rtol=1e-5)
 
