@@ -149,7 +149,8 @@ class AttentionPruning(pl.Callback):
                    disable=not trainer.is_global_zero or trainer.progress_bar_callback is None)
         model = _pruned_model(pl_module)
         check_stats_memory(model, self.tile)
-        stats = calibrate(model, bar, lambda batch: pl_module.calibration_forward(trainer.strategy.batch_to_device(batch)),
+        stats = calibrate(model, bar,
+                          lambda batch: pl_module.calibration_forward(trainer.strategy.batch_to_device(batch)),
                           stats=AttentionStats(tile=self.tile))
         stats.all_reduce()
         log.info(f"AttentionPruning: calibrated on {stats.batches} train batches, {stats.tokens:,} tokens")

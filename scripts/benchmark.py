@@ -155,8 +155,8 @@ Case = tuple[float, dict[str, torch.Tensor], float, int]  # (sparsity, site -> m
 
 
 def lm_cases(args: argparse.Namespace, model: TransformerLM) -> list[Case]:
-    """``(sparsity, site -> mask, kept tile fraction, mask tile)`` to time: random causal tile masks per ``--sparsity``, or the
-    masks of ``--masks`` (sparsity = the share of valid entries they prune, as the run reported it)."""
+    """The cases (``Case``) to time: random causal tile masks per ``--sparsity``, or the masks of ``--masks``
+    (sparsity = the share of valid entries they prune, as the run reported it)."""
     sites = find_sites(model)
     if args.masks is None:
         cases = []

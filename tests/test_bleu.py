@@ -38,3 +38,26 @@ def test_moses_detokenization_and_reference_files(tmp_path):
         read_references(str(refs), 3, "task.module.reference_files.test")
     with pytest.raises(APError, match="does not exist"):
         read_references(str(tmp_path / "missing"), 3, "task.module.reference_files.test")
+
+
+def test_reference_files_are_used_raw_and_hypotheses_detokenized(tmp_path):
+    """TranslationTask.bleu with detokenize=moses and a raw reference file: the hypotheses are detokenized, the raw
+    references are not touched (the data's tokenized references are only used without a file)."""
+    from types import SimpleNamespace
+
+    from ap.tasks.translation import TranslationTask
+
+    line = "we saw that it 's a fine day for a walk by the river"  # moses would join "it 's", sacreBLEU's 13a won't
+    refs = tmp_path / "test.en"
+    refs.write_text(f"{line}\n{line}\n", encoding="utf-8")
+    hparams = SimpleNamespace(bleu="sacrebleu", detokenize="moses", target_lang="en",
+                              reference_files={"test": str(refs)})
+    task = SimpleNamespace(hparams=hparams, _text={0: (line, "x"), 1: (line, "y")}, bleu_info={}, trainer=None)
+    score = TranslationTask.bleu(task, 2, "test")
+    detok = line.replace("it 's", "it's")
+    expected, _ = corpus_bleu([detok, detok], [line, line], "sacrebleu")
+    assert score == pytest.approx(expected) and score < 99 and task.bleu_info["test"]["references"] == str(refs)
+    task._text = {0: ("Hello , world !", "Hello , world !"), 1: ("it 's", "it 's")}
+    hparams.reference_files = None  # the data's references, detokenized like the hypotheses: a perfect match
+    assert TranslationTask.bleu(task, 2, "test") == pytest.approx(100.0)
+    assert task.bleu_info["test"]["references"] == "data"

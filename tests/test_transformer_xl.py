@@ -103,7 +103,8 @@ def test_calibration_counts_are_the_valid_pairs_with_an_unfilled_memory_at_the_s
         assert stats.sum[name][:, expected == 0].abs().sum() == 0
         # every valid row's probabilities sum to one per observation: sum over keys = number of observations
         rows = stats.sum[name].sum(-1)  # (H, T)
-        torch.testing.assert_close(rows, (expected > 0).any(-1).double() * torch.tensor([12.0, 9, 9, 9]).expand_as(rows))
+        observations = torch.tensor([12.0, 9, 9, 9])  # rows 0-3: 4, 3, 3, 3 segments reach them, x 3 streams
+        torch.testing.assert_close(rows, (expected > 0).any(-1).double() * observations.expand_as(rows))
     assert stats.tokens == 3 * 13
 
 

@@ -91,7 +91,8 @@ class AttentionSite(nn.Module):
         # on first use; masks travel in MaskSet files and in the callback's checkpoint state.
         self.mask: Optional[Tensor] = None
         self.mask_tile = 0  # 0: ``mask`` is per entry (H, Q, K); t > 0: per t x t tile (H, ceil(Q/t), ceil(K/t))
-        self._block_masks: dict[tuple, Any] = {}  # BlockMask/BlockPlan per (backend, heads, first q, first k, Tq, Tk, dev)
+        # BlockMask (flex) / BlockPlan (block) per (backend, heads, first query, first key, Tq, Tk, device)
+        self._block_masks: dict[tuple, Any] = {}
         self._empty_tiles: dict[tuple, float] = {}  # share of valid tiles the mask empties, per window (backend auto)
         self._auto_logged: set[tuple[str, bool]] = set()
         self._auto_choice: dict[tuple, str] = {}  # backend auto's choice per (window, training, dropout, padded)
@@ -177,13 +178,14 @@ class AttentionSite(nn.Module):
             backend = "sdpa"  # the block-sparse backends add no score bias
         if backend in ("auto", "flex", "block"):  # (two host syncs: only for backends that cache per position window)
             window = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
+        call: Optional[tuple[Optional[Tensor], bool]] = None  # this call's (mask, is_causal): built at most once
         if backend == "auto":
             training = needs_grad(q, k, v)
             choice = (window, training, dropout_p > 0, padded)
             if choice not in self._auto_choice:
-                mask, is_causal = self._call_mask(q_pos, k_pos, padded)
-                self._auto_choice[choice] = self.choose_backend(mask, is_causal, padded, training, dropout_p, q_pos,
-                                                                k_pos, window)
+                call = self._call_mask(q_pos, k_pos, padded)
+                self._auto_choice[choice] = self.choose_backend(*call, padded, training, dropout_p, q_pos, k_pos,
+                                                                window)
             backend = self._auto_choice[choice]
         # flex: one BlockMask, block: one BlockPlan (kept tiles grouped for fused calls) per position window and head
         # count, built once (masks and causality are input-independent); the element mask is only built for that
@@ -191,7 +193,7 @@ class AttentionSite(nn.Module):
         if plan_key is not None and plan_key in self._block_masks:
             mask, is_causal = self._block_masks[plan_key], False
         else:
-            mask, is_causal = self._call_mask(q_pos, k_pos, padded)
+            mask, is_causal = call or self._call_mask(q_pos, k_pos, padded)
             if plan_key is not None:
                 keep = self._window_keep(mask, is_causal, q_pos, k_pos, window)  # (1, H|1, Tq, Tk)
                 plan = flex_block_mask(keep) if backend == "flex" else block_plan(keep[0], q.shape[1], BLOCK_TILE)

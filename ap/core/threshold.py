@@ -183,7 +183,7 @@ def build_masks(
     ``keep_sinks > 0`` (any policy): every valid row also keeps its first ``keep_sinks`` keys (attention sinks) and,
     for self-attention, its diagonal entry (tiles holding them), counted as kept; ``sink_window`` keeps
     ``max(sinks, keep_sinks)`` sink keys.
-       Tiled statistics (``stats.tile > 0``) need ``block_size == stats.tile`` and give tile masks ``(H, Qb, Kb)``
+    Tiled statistics (``stats.tile > 0``) need ``block_size == stats.tile`` and give tile masks ``(H, Qb, Kb)``
     (True = keep the tile; causality inside diagonal tiles is the site's), the same tiles as element-wise statistics
     thresholded with that ``block_size``; ``score="row"`` needs element-wise statistics.
     """

@@ -4,8 +4,8 @@
   also attends to a memory of the ``mem_len`` hidden states it was given for the previous segments (its input there),
   with no gradient through the memory.
 - **Relative positional encoding.** The score of query ``i`` and key ``j`` is
-  ``(q_i + u)·k_j + (q_i + v)·W_r R_{d(i,j)}`` (``u = r_w_bias``, ``v = r_r_bias``, ``R`` sinusoidal, ``d`` the distance of
-  the key behind the query, clamped at ``clamp_len``): the first term goes to the ``AttentionSite`` as ``q·k``, the
+  ``(q_i + u)·k_j + (q_i + v)·W_r R_{d(i,j)}`` (``u = r_w_bias``, ``v = r_r_bias``, ``R`` sinusoidal, ``d`` the
+  distance of the key behind the query, clamped at ``clamp_len``): the first term goes to the ``AttentionSite`` as ``q·k``, the
   second as an additive score ``bias``. (The reference code computes the position term against every distance and
   realigns it with a "relative shift"; here it is gathered by distance, the same numbers.)
 - **Adaptive softmax** (``torch.nn.AdaptiveLogSoftmaxWithLoss``) for large vocabularies when ``cutoffs`` are given.

@@ -166,8 +166,8 @@ class LMStreams(Dataset):
     def __init__(self, ids: Tensor, rows: int, tgt_len: int, rank: int = 0, world: int = 1) -> None:
         n = (len(ids) - 1) // rows  # tokens per stream
         if n < 1 or rows % world:
-            raise APError(f"{len(ids):,} tokens cannot make {rows} streams over {world} ranks: use a batch size that is "
-                          f"a multiple of the number of devices and at most the number of tokens")
+            raise APError(f"{len(ids):,} tokens cannot make {rows} streams over {world} ranks: use a batch size that "
+                          f"is a multiple of the number of devices and at most the number of tokens")
         self.x = ids[: n * rows].view(rows, n)[rank::world]  # (r, n)
         self.y = ids[1: n * rows + 1].view(rows, n)[rank::world]  # (r, n)
         self.tgt_len = tgt_len

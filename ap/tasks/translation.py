@@ -336,13 +336,15 @@ class TranslationTask(pl.LightningModule):
         hyps, refs = [self._text[i][0] for i in ids], [self._text[i][1] for i in ids]
         source = "data"
         if h.bleu == "sacrebleu":
-            if h.detokenize == "moses":
-                hyps, refs = moses_detokenize(hyps, h.target_lang), moses_detokenize(refs, h.target_lang)
-            files = h.reference_files or {}
             key = "valid" if split == "val" else split
-            if files.get(key):
-                lines = read_references(files[key], dataset_size, f"task.module.reference_files.{key}")
-                refs, source = [lines[i] for i in ids], files[key]
+            file = (h.reference_files or {}).get(key)
+            if file:  # raw references: used as they are
+                lines = read_references(file, dataset_size, f"task.module.reference_files.{key}")
+                refs, source = [lines[i] for i in ids], file
+            elif h.detokenize == "moses":  # the data's references are tokenized like the hypotheses
+                refs = moses_detokenize(refs, h.target_lang)
+            if h.detokenize == "moses":
+                hyps = moses_detokenize(hyps, h.target_lang)
         score, signature = corpus_bleu(hyps, refs, h.bleu)
         self.bleu_info[split] = {"mode": h.bleu, "signature": signature, "references": source,
                                  "detokenize": h.detokenize}
