@@ -1,14 +1,15 @@
 """Collect the ``results.json`` of many runs (a sweep's ``multirun/<time>/``, or single runs under ``outputs/``) into
 tables and plots.
 
-    python scripts/collect_results.py multirun/2026-11-25_17-00-00 [more folders] [--out DIR]
+    python scripts/collect_results.py multirun/2026-11-25_17-00-00 [more folders] [--out DIR] [--paper FILE|none]
     python -m ap.collect ...                                                  # the same
 
 Writes to ``--out`` (default ``<first folder>/collected``), overwriting an earlier collect there:
 
 ``runs.csv``
     one row per run: ``task``, ``task_name``, ``model``, ``seed``, ``policy``, ``pruning`` (label), ``target``
-    (pruning.sparsity) and ``target/<kind>`` (pruning.kind_sparsity), ``kinds``, ``scope``, ``block_size``, ``reinit``;
+    (pruning.sparsity) and ``target/<kind>`` (pruning.kind_sparsity), ``kinds``, ``scope``, ``block_size``, ``reinit``,
+    ``experiment`` (the preset, from the run's ``.hydra/hydra.yaml``; left out when no run has one);
     the achieved ``sparsity`` and ``sparsity/<kind>``; metrics after fine-tuning (``val/ppl``), before it
     (``pre/val/ppl``), of the dense model (``dense/val/ppl``) and of the dense+ft baseline (``dense_ft/val/ppl``);
     seconds per stage (``time/<stage>``); ``stage/<name>`` = ran | reused | given | skipped; any other config key that
@@ -20,11 +21,14 @@ Writes to ``--out`` (default ``<first folder>/collected``), overwriting an earli
     mean, std and n over seeds of every value column per setting (the ``runs.csv`` columns above that are no
     measurement, except seed and run): ``<column>_mean``, ``<column>_std``, ``n``, ``seeds``.
 ``summary.md``
-    the same as "mean ± std" tables, one per ``task_name`` (loss and time columns left out), then the runs without
-    results. The CLI prints it.
+    the same as "mean ± std" tables, one per ``task_name`` (loss and time columns left out), each followed by AP
+    against the other policies at each target sparsity and, for runs of a preset ``experiments/paper_results.yaml``
+    names, the paper's values (a ``paper <metric>`` column, a list with sources) and claims (with the highest target
+    at which our AP keeps the claim's quality); then the runs without results. The CLI prints it.
 ``curve_<task_name>_<metric>.png``
     each metric (not loss) against achieved sparsity: one line per policy (mean ± std over seeds), solid after
-    fine-tuning, dashed before it; dense and dense+ft as horizontal lines.
+    fine-tuning, dashed before it; dense and dense+ft as horizontal lines; the paper's points as stars and its
+    claimed sparsity as a vertical line (paper presets).
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ import yaml
 from matplotlib.figure import Figure
 
 # columns that say which setting a run belongs to (with the seed and the run, the rest are measurements)
-SETTING = ["task", "task_name", "model", "policy", "pruning", "target", "kinds", "scope", "block_size", "reinit",
-           "finetune"]
+SETTING = ["task", "task_name", "experiment", "model", "policy", "pruning", "target", "kinds", "scope", "block_size",
+           "reinit", "finetune"]
 # metric dicts of results.json -> column prefix
 METRIC_SOURCES = {"metrics": "", "pruned_before_finetune_metrics": "pre/", "dense_metrics": "dense/",
                   "dense_finetuned_metrics": "dense_ft/"}
@@ -52,10 +56,17 @@ VALUE_PREFIXES = ("pre/", "dense/", "dense_ft/", "sparsity", "time/")
 IGNORED_CONFIG = re.compile(r"^(seed|ckpt_path|dense_finetune_baseline|pruning\.(seed|name|heatmaps)|paths\..*|"
                             r"logger\..*|cache\..*|trainer\.(enable_progress_bar|log_every_n_steps)|"
                             r"data\.num_workers)$|(_path|_ckpt|_dir|\.dir)$")
+# the paper's numbers (see the file's header)
+PAPER_RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "paper_results.yaml"
+LOWER_IS_BETTER = ("ppl", "nll", "loss")
 
 
 class NoResults(Exception):
     """No results.json below the folders."""
+
+
+class BadPaperResults(Exception):
+    """A paper results file that cannot be read or does not follow the schema in its header."""
 
 
 def load_runs(folders: Iterable[Path | str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -80,9 +91,11 @@ def load_runs(folders: Iterable[Path | str]) -> tuple[pd.DataFrame, pd.DataFrame
             failed.append({**info, "status": "unreadable results.json", "error": f"{type(e).__name__}: {e}",
                            "log_tail": _log_tail(run_dir)})
             continue
-        rows.append({**row, **info})
+        rows.append({**row, "experiment": _experiment(run_dir), **info})
         configs.append(config)
     runs = pd.DataFrame(rows)
+    if not runs.empty and runs["experiment"].isna().all():
+        runs = runs.drop(columns="experiment")
     if not runs.empty:
         runs = _with_differing_config(runs, pd.DataFrame(configs, index=runs.index))
         runs = runs[_ordered(runs.columns)].sort_values(["task", "task_name", "model", "policy", "target", "pruning",
@@ -114,8 +127,9 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return stats.reset_index()
 
 
-def plot_curves(runs: pd.DataFrame, out_dir: Path | str) -> list[Path]:
-    """One PNG per (task_name, metric): metric against achieved sparsity (see the module docstring); their paths."""
+def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] = None) -> list[Path]:
+    """One PNG per (task_name, metric): metric against achieved sparsity (see the module docstring), with the
+    ``paper``'s (``load_paper_results``) points and claims that apply to the runs; their paths."""
     out_dir, paths = Path(out_dir), []
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs)
@@ -146,6 +160,15 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str) -> list[Path]:
                 for model, value in _reference(here, prefix + metric).items():
                     ax.axhline(value, color="0.3", linestyle=style, linewidth=1,
                                label=name + (f" ({model})" if here["model"].nunique() > 1 else ""))
+            claims, paper_points = paper_for(here, paper)
+            for point in paper_points:
+                if point["metric"] == metric:
+                    ax.scatter(100 * point["sparsity"], point["value"], marker="*", s=160, color="k", zorder=5,
+                               label=f"paper: {point['policy']} ({point['source']})")
+            for claim in claims:
+                ax.axvline(100 * claim["sparsity"], color="C3", linestyle="-.", linewidth=1,
+                           label=f"paper's claim: {100 * claim['sparsity']:g} % at maintained quality "
+                                 f"({claim['source']})")
             ax.set(xlabel="achieved sparsity (% of attention entries pruned)", ylabel=metric,
                    title=f"{task_name}: {metric}")
             ax.grid(alpha=0.3)
@@ -156,8 +179,10 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str) -> list[Path]:
     return paths
 
 
-def write_report(folders: Sequence[Path | str], out_dir: Optional[Path | str] = None) -> dict[str, Path]:
-    """Load, summarise and plot the runs below ``folders`` into ``out_dir`` (default ``<first folder>/collected``).
+def write_report(folders: Sequence[Path | str], out_dir: Optional[Path | str] = None,
+                 paper: Optional[dict] = None) -> dict[str, Path]:
+    """Load, summarise and plot the runs below ``folders`` into ``out_dir`` (default ``<first folder>/collected``),
+    with the ``paper``'s values (``load_paper_results``; None: none) beside ours.
 
     Returns ``{"runs", "failed", "summary_csv", "summary_md", <curve file stem>...: path}``; raises ``NoResults``.
     """
@@ -173,13 +198,14 @@ def write_report(folders: Sequence[Path | str], out_dir: Optional[Path | str] = 
     runs.to_csv(paths["runs"], index=False)
     failed.to_csv(paths["failed"], index=False)
     summary.to_csv(paths["summary_csv"], index=False)
-    paths["summary_md"].write_text(markdown(summary, failed))
-    paths.update({p.stem: p for p in plot_curves(runs, out)})
+    paths["summary_md"].write_text(markdown(summary, failed, paper))
+    paths.update({p.stem: p for p in plot_curves(runs, out, paper)})
     return paths
 
 
-def markdown(summary: pd.DataFrame, failed: pd.DataFrame) -> str:
-    """``summary`` as "mean ± std" Markdown tables, one per task_name, and a section listing ``failed``."""
+def markdown(summary: pd.DataFrame, failed: pd.DataFrame, paper: Optional[dict] = None) -> str:
+    """``summary`` as "mean ± std" Markdown tables, one per task_name, each with AP against the other policies and
+    the ``paper``'s values and claims that apply to it; then a section listing ``failed``."""
     parts = []
     for task_name, part in summary.groupby("task_name", dropna=False, sort=True):
         keys = setting_columns(summary)
@@ -196,10 +222,26 @@ def markdown(summary: pd.DataFrame, failed: pd.DataFrame) -> str:
                 continue  # (one kind: its sparsity is the overall one)
             percent = col.startswith("sparsity")
             table[col] = [_mean_std(m, s, percent) for m, s in zip(part[f"{col}_mean"], part[f"{col}_std"])]
+        claims, paper_points = paper_for(part, paper)
+        for metric in dict.fromkeys(p["metric"] for p in paper_points):  # a "paper <metric>" column beside ours
+            if metric in table:
+                values = [next((f"{p['value']:g}" for p in paper_points if p["metric"] == metric
+                                and p["policy"] == policy and abs(p["sparsity"] - target) < 1e-6), "")
+                          for policy, target in zip(part["policy"].fillna("none"), part["target"].fillna(0.0))]
+                table.insert(table.columns.get_loc(metric) + 1, f"paper {metric}", values)
         table["n"] = part["n"].astype(str)
         align = ["left" if c in shown and c != "target" else "right" for c in table.columns]
-        parts.append(f"## {task_name}\n\n" + (f"All rows: {', '.join(common)}\n\n" if common else "")
-                     + f"{table.to_markdown(index=False, disable_numparse=True, colalign=align)}\n")
+        text = (f"## {task_name}\n\n" + (f"All rows: {', '.join(common)}\n\n" if common else "")
+                + f"{table.to_markdown(index=False, disable_numparse=True, colalign=align)}\n")
+        versus = _versus(part)
+        if versus:
+            text += ("\nAP against the other policies at each target (after fine-tuning; before it in brackets):\n\n"
+                     + versus + "\n")
+        if claims:
+            text += "\n" + "".join(f"- {_claim_line(claim, part)}\n" for claim in claims)
+        if paper_points:
+            text += f"\nPaper values ({paper['paper']}): " + "; ".join(map(_paper_point, paper_points)) + "\n"
+        parts.append(text)
     if len(failed):
         listing = failed[["run", "status", "error", "overrides"]].to_markdown(index=False, disable_numparse=True)
         parts.append(f"## Runs without results\n\n{listing}\n")
@@ -212,6 +254,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="folders searched for results.json (sweeps, outputs/)")
     parser.add_argument("--out", type=Path, help="output folder (default: <first folder>/collected)")
     parser.add_argument("--csv", type=Path, help="also write runs.csv to this file")
+    parser.add_argument("--paper", default=None, metavar="FILE|none",
+                        help="the paper's numbers to print beside ours (default: experiments/paper_results.yaml when "
+                             "it exists; none: leave them out)")
     parser.add_argument("--wandb", action="store_true",
                         help="log the summary table and the curves to wandb (a job_type=collect run in the runs' "
                              "group)")
@@ -220,8 +265,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if missing:
             raise NoResults(f"no results.json below {', '.join(missing)}: no such folder")
-        paths = write_report(args.folders, args.out)
-    except NoResults as e:
+        if args.paper is None:
+            paper = load_paper_results(PAPER_RESULTS) if PAPER_RESULTS.is_file() else None
+        else:
+            paper = None if args.paper.lower() == "none" else load_paper_results(args.paper)
+        paths = write_report(args.folders, args.out, paper)
+    except (NoResults, BadPaperResults) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.csv:
@@ -250,6 +299,140 @@ def log_to_wandb(folders: list[Path], paths: dict[str, Path]) -> None:
     run.log({"summary": wandb.Table(dataframe=pd.read_csv(paths["summary_csv"])),
              **{p.stem: wandb.Image(str(p)) for p in paths.values() if p.suffix == ".png"}})
     run.finish()
+
+
+# --- the paper's numbers ----------------------------------------------------------------------------------------
+
+def load_paper_results(path: Path | str) -> dict[str, Any]:
+    """The paper results file at ``path`` (schema in ``experiments/paper_results.yaml``'s header), checked:
+    ``{"paper": str, "claims": [...], "points": [...]}``; raises ``BadPaperResults`` with a one-line reason."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise BadPaperResults(f"{path}: no such file (--paper none leaves the paper's numbers out)") from None
+    except (OSError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split())
+        raise BadPaperResults(f"{path}: unreadable ({type(e).__name__}: {reason})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("paper"), str):
+        raise BadPaperResults(f"{path}: not a mapping with a 'paper' string (see experiments/paper_results.yaml)")
+
+    def entries(key: str, required: dict[str, type]) -> list[dict[str, Any]]:
+        items = data.get(key) or []
+        if not isinstance(items, list):
+            raise BadPaperResults(f"{path}: '{key}' is no list")
+        out = []
+        for i, item in enumerate(items):
+            where = f"{path}: {key}[{i}]"
+            if not isinstance(item, dict):
+                raise BadPaperResults(f"{where} is no mapping")
+            for name, kind in required.items():
+                value = item.get(name)
+                if value is None or value == "" or value == []:
+                    hint = " (every value needs its source: a table or figure of the paper)" if name == "source" else ""
+                    raise BadPaperResults(f"{where}: '{name}' missing{hint}")
+                if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise BadPaperResults(f"{where}: '{name}' is {value!r}, not a number")
+            entry = dict(item)
+            for name in ("presets", "metric"):
+                if name in entry and isinstance(entry[name], str):
+                    entry[name] = [entry[name]] if name == "presets" or key == "claims" else entry[name]
+            if not 0.0 <= float(entry["sparsity"]) <= 1.0:
+                raise BadPaperResults(f"{where}: sparsity {entry['sparsity']} is not a fraction in [0, 1]")
+            entry["sparsity"] = float(entry["sparsity"])
+            out.append(entry)
+        return out
+
+    claims = entries("claims", {"task": str, "sparsity": float, "metric": list, "source": str, "presets": list})
+    for claim in claims:
+        claim.setdefault("tolerance", 0.02)
+        claim.setdefault("text", "")
+    points = entries("points", {"task": str, "metric": str, "policy": str, "sparsity": float, "value": float,
+                                "source": str, "presets": list})
+    return {"paper": data["paper"], "claims": claims, "points": points}
+
+
+def paper_for(runs: pd.DataFrame, paper: Optional[dict]) -> tuple[list[dict], list[dict]]:
+    """The ``paper``'s claims and points that apply to ``runs`` (rows of runs.csv or the summary): same task, run
+    with one of the entry's presets."""
+    if paper is None or "experiment" not in runs:
+        return [], []
+    experiments, tasks = set(runs["experiment"].dropna().astype(str)), set(runs["task"].dropna().astype(str))
+
+    def applies(entry: dict) -> bool:
+        return entry["task"] in tasks and bool(experiments & set(entry["presets"]))
+    return [c for c in paper["claims"] if applies(c)], [p for p in paper["points"] if applies(p)]
+
+
+def _paper_point(point: dict) -> str:
+    at = "dense" if point["policy"] == "none" else f"{point['policy']} at {100 * point['sparsity']:g} %"
+    return f"{point['metric']} {at}: {point['value']:g} ({point['source']})"
+
+
+def _claim_line(claim: dict, part: pd.DataFrame) -> str:
+    """The paper's claim and the highest target (then achieved sparsity) at which our AP keeps the claim's metric
+    within its tolerance of our dense+ft baseline (dense where there is none), with the AP points above it that do
+    not."""
+    said = (f"**Paper** ({claim['source']}, {100 * claim['sparsity']:g} % of attention pruned): "
+            f"{claim['text'] or 'at maintained quality'}.")
+    metric = next((m for m in claim["metric"] if part.get(f"{m}_mean", pd.Series(dtype=float)).notna().any()), None)
+    ap = part[part["policy"] == "ap"]
+    if metric is None or ap.empty:
+        return f"{said} **Ours**: no AP runs with {' or '.join(claim['metric'])}."
+    name = "dense_ft" if ap.get(f"dense_ft/{metric}_mean", pd.Series(dtype=float)).notna().any() else "dense"
+    reference = ap[f"{name}/{metric}_mean"]
+    lower = metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+    change = (ap[f"{metric}_mean"] - reference) / reference
+    kept = change <= claim["tolerance"] if lower else change >= -claim["tolerance"]
+    order = ap.assign(kept=kept).sort_values(["target", "sparsity_mean"], ascending=False)
+    show_kinds = "kinds" in ap and ap["kinds"].astype(str).nunique() > 1
+
+    def point(row: pd.Series) -> str:
+        kinds = f", kinds={row['kinds']}" if show_kinds else ""
+        return (f"{row['pruning']}{kinds}: {row[f'{metric}_mean']:.3f}, achieved sparsity "
+                f"{100 * row['sparsity_mean']:.1f} %")
+    within = f"{metric} within {100 * claim['tolerance']:g} % of {name.replace('_', '+')} ({reference.mean():.3f})"
+    best = order[order["kept"]]
+    if best.empty:
+        return f"{said} **Ours**: no AP point keeps {within}; the lowest target: {point(order.iloc[-1])}."
+    top = best.iloc[0]
+    higher = (order["target"] > top["target"]) | ((order["target"] == top["target"])
+                                                   & (order["sparsity_mean"] > top["sparsity_mean"]))
+    above = order[~order["kept"] & higher].sort_values(["target", "sparsity_mean"])
+    return (f"{said} **Ours**: AP keeps {within} up to a target of {100 * top['target']:g} % ({point(top)})"
+            + (f"; not within it above: {'; '.join(point(r) for _, r in above.iterrows())}." if len(above)
+               else "; no AP point above it."))
+
+
+def _versus(part: pd.DataFrame) -> str:
+    """AP beside every other policy at the same target (and other settings), as a Markdown table: each metric after
+    fine-tuning, before it in brackets; "" when no setting has AP and another policy."""
+    pruned = part[part["policy"].fillna("none") != "none"]
+    keys = [c for c in setting_columns(part) if c not in ("policy", "pruning", "experiment", "task", "task_name")]
+    metrics = [c.removesuffix("_mean") for c in part.columns if c.endswith("_mean") and c.count("/") == 1
+               and c.split("/")[0] in ("val", "test") and not c.removesuffix("_mean").endswith("loss")]
+    metrics = sorted(metrics, key=lambda c: (c.startswith("test"), c))
+    rows = []
+    for key, group in pruned.groupby(keys, dropna=False, sort=True):
+        policies = list(dict.fromkeys(sorted(group["policy"], key=lambda p: (p != "ap", p))))
+        if "ap" not in policies or len(policies) < 2:
+            continue
+        row = dict(zip(keys, key))
+        for metric in metrics:
+            for policy in policies:
+                at = group[group["policy"] == policy].iloc[0]
+                pre = at.get(f"pre/{metric}_mean")
+                row[f"{metric} {policy}"] = (f"{at[f'{metric}_mean']:.3f}"
+                                             + (f" ({pre:.3f})" if pre is not None and pd.notna(pre) else ""))
+        rows.append(row)
+    if not rows:
+        return ""
+    table = pd.DataFrame(rows)
+    shown = [k for k in keys if k == "target" or table[k].astype(str).nunique() > 1]
+    table = table[shown + [c for c in table.columns if c not in keys]].fillna("")
+    table["target"] = [_mean_std(t, float("nan"), percent=True) for t in table["target"]]
+    return table.to_markdown(index=False, disable_numparse=True,
+                             colalign=["left" if c in shown and c != "target" else "right" for c in table.columns])
 
 
 # --- reading one run -------------------------------------------------------------------------------------------------
@@ -322,6 +505,17 @@ def _with_differing_config(runs: pd.DataFrame, config: pd.DataFrame) -> pd.DataF
         part = config.loc[index].astype(str)
         differ.update(part.columns[part.nunique(dropna=False) > 1])
     return runs.join(config[sorted(differ)]) if differ else runs
+
+
+def _experiment(run_dir: Path) -> Optional[str]:
+    """The ``experiment=`` preset the run was composed with (Hydra's ``runtime.choices``), or None."""
+    path = run_dir / ".hydra" / "hydra.yaml"
+    try:
+        hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra") or {} if path.is_file() else {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    choice = ((hydra.get("runtime") or {}).get("choices") or {}).get("experiment")
+    return str(choice) if choice not in (None, "null") else None
 
 
 def _overrides(run_dir: Path) -> str:

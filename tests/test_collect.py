@@ -12,7 +12,11 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from ap.collect import load_runs, plot_curves, summarize, write_report
+import numpy as np
+import yaml
+
+from ap.collect import (BadPaperResults, load_paper_results, load_runs, markdown, paper_for, plot_curves,
+                        summarize, write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["enc_self", "dec_self", "cross"]
@@ -175,3 +179,131 @@ def test_cli(sweep, tmp_path):
     empty = run_cli(str(tmp_path / "empty"))
     assert empty.returncode == 2 and "no results.json" in empty.stderr and not (tmp_path / "empty/collected").exists()
     assert len(empty.stderr.strip().splitlines()) == 1
+
+
+# --- the paper's numbers beside ours --------------------------------------------------------------------------------
+
+# val/ppl after fine-tuning (before it) per label; dense+ft is 50.0: ap50 is within 2 %, ap90 is not
+PRESET_PPL = {"ap50": (50.5, 52.0), "ap90": (51.5, 58.0), "random50": (60.0, 75.0)}
+FIXTURE_PAPER = {
+    "paper": "a fixture paper",
+    "claims": [{"task": "lm", "sparsity": 0.9, "metric": ["val/bleu", "val/ppl"], "tolerance": 0.02,
+                "text": "saves 90 %", "source": "abstract", "presets": ["sweep_fixture"]}],
+    "points": [{"task": "lm", "metric": "val/ppl", "policy": "ap", "sparsity": 0.9, "value": 31.25,
+                "source": "Table 9, printed", "presets": ["sweep_fixture"]},
+               {"task": "lm", "metric": "val/ppl", "policy": "none", "sparsity": 0.0, "value": 30.5,
+                "source": "Table 9, printed", "presets": ["sweep_fixture"]},
+               {"task": "wmt", "metric": "val/bleu", "policy": "ap", "sparsity": 0.5, "value": 27.0,
+                "source": "Table 8", "presets": ["sweep_fixture"]}]}
+
+
+def preset_sweep(root: Path, experiment: str) -> Path:
+    """A sweep of ``experiment`` (its choice in .hydra/hydra.yaml, as Hydra writes it): ap50, ap90, random50."""
+    for n, (label, (ppl, pre)) in enumerate(PRESET_PPL.items()):
+        results = lm_results("ap50" if label == "ap50" else "ap90", 0)
+        policy, sparsity = label.rstrip("0123456789"), int(label[-2:]) / 100
+        results.update(pruning=label, sparsity_achieved=sparsity, config=config("lm", "lm_sample", policy, sparsity, 0))
+        results["metrics"] = {"val/ppl": ppl, "test/ppl": ppl + 1}
+        results["pruned_before_finetune_metrics"] = {"val/ppl": pre}
+        results["dense_finetuned_metrics"] = {"val/ppl": 50.0, "test/ppl": 51.0}
+        run = write_run(root / f"{n}_lm_sample_{label}", results, [f"pruning={label}"])
+        hydra = {"hydra": {"runtime": {"choices": {"experiment": experiment, "pruning": label}}}}
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    return root
+
+
+def test_the_shipped_paper_file_loads_and_every_entry_has_a_source():
+    paper = load_paper_results(ROOT / "experiments" / "paper_results.yaml")
+    assert "2012.02030" in paper["paper"]
+    presets = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
+    for entry in paper["claims"] + paper["points"]:
+        assert entry["source"] and set(entry["presets"]) <= presets, entry
+    assert {(c["task"], c["sparsity"]) for c in paper["claims"]} == {("lm", 0.9), ("wmt", 0.5), ("glue", 0.5)}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["points"][0].pop("source"), "points[0]: 'source' missing (every value needs its source"),
+    (lambda d: d["claims"][0].update(sparsity=90), "claims[0]: sparsity 90 is not a fraction"),
+    (lambda d: d["points"][1].update(value="about 30"), "points[1]: 'value' is 'about 30', not a number"),
+    (lambda d: d.pop("paper"), "not a mapping with a 'paper' string"),
+])
+def test_a_bad_paper_file_is_refused_in_one_line(tmp_path, change, message):
+    data = json.loads(json.dumps(FIXTURE_PAPER))
+    change(data)
+    path = tmp_path / "paper.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(BadPaperResults, match=re.escape(message)) as info:
+        load_paper_results(path)
+    assert "\n" not in str(info.value)
+    path.write_text("claims: [unclosed")
+    with pytest.raises(BadPaperResults, match="unreadable"):
+        load_paper_results(path)
+    with pytest.raises(BadPaperResults, match="no such file"):
+        load_paper_results(tmp_path / "missing.yaml")
+
+
+@pytest.fixture()
+def paper_file(tmp_path) -> Path:
+    path = tmp_path / "paper.yaml"
+    path.write_text(yaml.safe_dump(FIXTURE_PAPER))
+    return path
+
+
+def test_paper_values_and_claim_print_beside_ours_for_a_paper_preset(tmp_path, paper_file):
+    runs = load_runs([preset_sweep(tmp_path / "sweep", "sweep_fixture")])[0]
+    assert set(runs["experiment"]) == {"sweep_fixture"}
+    md = markdown(summarize(runs), runs.iloc[:0], load_paper_results(paper_file))
+    assert "experiment=sweep_fixture" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    column = header.index("paper val/ppl")
+    assert header[column - 1] == "val/ppl", "the paper's column sits beside ours"
+    cells = {row.split("|")[2].strip(): row.strip("|").split("|")[column].strip() for row in table[2:5]}
+    assert cells == {"ap50": "", "ap90": "31.25", "random50": ""}
+    # the claim: val/bleu is not measured, so val/ppl; ap50 is within 2 % of dense+ft 50.0, ap90 (+3 %) is not
+    claim = next(line for line in md.splitlines() if line.startswith("- **Paper**"))
+    assert claim.startswith("- **Paper** (abstract, 90 % of attention pruned): saves 90 %.")
+    assert "val/ppl within 2 % of dense+ft (50.000) up to a target of 50 % (ap50: 50.500" in claim
+    assert claim.endswith("not within it above: ap90: 51.500, achieved sparsity 90.0 %.")
+    assert ("Paper values (a fixture paper): val/ppl ap at 90 %: 31.25 (Table 9, printed); val/ppl dense: 30.5 "
+            "(Table 9, printed)") in md and "27" not in md, "the wmt point is no lm value"
+
+
+def test_runs_of_other_presets_or_without_a_preset_get_no_paper_values(tmp_path, paper_file):
+    paper = load_paper_results(paper_file)
+    other = load_runs([preset_sweep(tmp_path / "other", "sweep_lm_sample")])[0]
+    assert paper_for(other, paper) == ([], [])
+    md = markdown(summarize(other), other.iloc[:0], paper)
+    assert "Paper" not in md and "paper" not in md
+    plain = load_runs([write_run(tmp_path / "plain" / "0", lm_results("ap50", 0))])[0]
+    assert "experiment" not in plain and paper_for(plain, paper) == ([], [])
+
+
+def test_the_curve_of_a_paper_preset_shows_the_paper(tmp_path, paper_file):
+    runs = load_runs([preset_sweep(tmp_path / "sweep", "sweep_fixture")])[0]
+    ours = plot_curves(runs, tmp_path / "ours")
+    both = plot_curves(runs, tmp_path / "both", load_paper_results(paper_file))
+    assert [p.name for p in ours] == [p.name for p in both]
+    first, second = (matplotlib.image.imread(p[0]) for p in (ours, both))
+    assert first.shape == second.shape and not np.allclose(first, second), "paper star and claim line drawn"
+
+
+def test_ap_against_random_at_each_target(tmp_path):
+    runs = load_runs([preset_sweep(tmp_path / "sweep", "sweep_fixture")])[0]
+    md = markdown(summarize(runs), runs.iloc[:0])
+    assert "AP against the other policies at each target" in md
+    row = next(line for line in md.splitlines() if re.match(r"\| +50.0 % \|", line))
+    assert re.search(r"50.500 \(52.000\) \| +60.000 \(75.000\) \| +51.500 \| +61.000 \|", row), row
+    assert not re.search(r"\| +90.0 % \|.*\(58.000\)", md.split("AP against")[1]), "no random90: no ap90 row"
+
+
+def test_cli_paper_option(tmp_path, paper_file):
+    sweep = preset_sweep(tmp_path / "sweep", "sweep_fixture")
+    shown = run_cli(str(sweep), "--out", str(tmp_path / "a"), "--paper", str(paper_file))
+    assert shown.returncode == 0, shown.stderr
+    assert "**Paper** (abstract, 90 %" in shown.stdout and "paper val/ppl" in shown.stdout
+    left_out = run_cli(str(sweep), "--out", str(tmp_path / "b"), "--paper", "none")
+    assert left_out.returncode == 0 and "Paper" not in left_out.stdout
+    missing = run_cli(str(sweep), "--out", str(tmp_path / "c"), "--paper", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "nope.yaml: no such file" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
