@@ -139,6 +139,7 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
                  and not c.startswith("target/")]
     for task_name, points in pruned.groupby("task_name", sort=True):
         here = runs[runs["task_name"] == task_name]
+        claims, paper_points = paper_for(here, paper)
         for metric in _metrics(here):
             if points.get(f"{metric}_mean", pd.Series(dtype=float)).notna().sum() == 0:
                 continue
@@ -160,7 +161,6 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
                 for model, value in _reference(here, prefix + metric).items():
                     ax.axhline(value, color="0.3", linestyle=style, linewidth=1,
                                label=name + (f" ({model})" if here["model"].nunique() > 1 else ""))
-            claims, paper_points = paper_for(here, paper)
             for point in paper_points:
                 if point["metric"] == metric:
                     ax.scatter(100 * point["sparsity"], point["value"], marker="*", s=160, color="k", zorder=5,
@@ -334,9 +334,10 @@ def load_paper_results(path: Path | str) -> dict[str, Any]:
                 if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
                     raise BadPaperResults(f"{where}: '{name}' is {value!r}, not a number")
             entry = dict(item)
-            for name in ("presets", "metric"):
-                if name in entry and isinstance(entry[name], str):
-                    entry[name] = [entry[name]] if name == "presets" or key == "claims" else entry[name]
+            if isinstance(entry["presets"], str):  # (one preset may be written without a list)
+                entry["presets"] = [entry["presets"]]
+            if key == "claims" and isinstance(entry["metric"], str):
+                entry["metric"] = [entry["metric"]]
             if not 0.0 <= float(entry["sparsity"]) <= 1.0:
                 raise BadPaperResults(f"{where}: sparsity {entry['sparsity']} is not a fraction in [0, 1]")
             entry["sparsity"] = float(entry["sparsity"])
@@ -409,9 +410,8 @@ def _versus(part: pd.DataFrame) -> str:
     fine-tuning, before it in brackets; "" when no setting has AP and another policy."""
     pruned = part[part["policy"].fillna("none") != "none"]
     keys = [c for c in setting_columns(part) if c not in ("policy", "pruning", "experiment", "task", "task_name")]
-    metrics = [c.removesuffix("_mean") for c in part.columns if c.endswith("_mean") and c.count("/") == 1
-               and c.split("/")[0] in ("val", "test") and not c.removesuffix("_mean").endswith("loss")]
-    metrics = sorted(metrics, key=lambda c: (c.startswith("test"), c))
+    metrics = _metrics(pruned[[c for c in pruned.columns if c.endswith("_mean")]]
+                       .rename(columns=lambda c: c.removesuffix("_mean")))
     rows = []
     for key, group in pruned.groupby(keys, dropna=False, sort=True):
         policies = list(dict.fromkeys(sorted(group["policy"], key=lambda p: (p != "ap", p))))
