@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # --no-build-isolation against the torch installed here (compiles C++/Cython once, about 2 minutes on 2 cores).
 FAIRSEQ ?= fairseq-fixed==0.12.3.1
 
-.PHONY: install install-fairseq install-hf install-clm install-sweep install-test data data-glue data-wmt data-smollm2 demo demo-glue demo-wmt bench reproduce-sample test test-fast clean
+.PHONY: install install-fairseq install-hf install-clm install-sweep install-test data data-glue data-wmt data-smollm2 demo demo-glue demo-wmt bench gpu-check reproduce-sample test test-fast clean
 
 install:
 	$(if $(TORCH),$(PIP) install $(TORCH))
@@ -61,6 +61,12 @@ demo-wmt: install data-wmt
 # Attention and whole-LM speed against dense attention (README "Speed"; about 8 minutes on 2 CPU cores; table, CSV, PNG)
 bench:
 	$(PYTHON) scripts/benchmark.py --lengths 1024 2048 4096 --sparsity 0.5 0.9 --backward --lm-length 2048 --repeats 3
+
+# Every GPU feature in one table (docs/gpu.md; about 5 minutes on one H200): flex and block vs causal SDPA at 4k-32k,
+# trainer=gpu runs of every task, task=clm at 8k, bf16 vs fp32 calibration, NCCL DDP with 2 GPUs. Install the torch
+# build for your CUDA first (make install TORCH=). `python scripts/gpu_check.py --dry-run` checks it on a CPU.
+gpu-check: install-hf data data-glue data-wmt data-smollm2
+	$(PYTHON) scripts/gpu_check.py
 
 # The paper's three claims at sample scale (README "Reproducing the paper"), each curve within 30 minutes on 2 CPU cores:
 # LM with Transformer-XL memory (AP 20-95 % vs random), MT on the de->en sample (AP50 on each attention kind and on all

@@ -104,7 +104,7 @@ def attention_rows(args: argparse.Namespace) -> list[dict]:
         for sparsity in args.sparsity:
             mask, kept = tile_mask(length, args.heads, sparsity, args.tile)
             mask = mask.to(args.device)[None]  # (1, H, L, L)
-            block_mask = flex_block_mask(mask, args.tile)
+            block_mask = flex_block_mask(mask, args.tile if args.device == "cpu" else None)  # CUDA: 128-blocks
             plan = block_plan(mask[0], args.heads, args.tile)
             runs = {"eager masked": lambda: attention(q, k, v, mask=mask, backend="eager"),
                     "sdpa masked": lambda: attention(q, k, v, mask=mask, backend="sdpa"),
@@ -137,7 +137,7 @@ def backward_rows(args: argparse.Namespace, length: int, qkv: torch.Tensor) -> l
         runs = {"eager masked": step(mask=mask, backend="eager"), "sdpa masked": step(mask=mask, backend="sdpa"),
                 "block": step(mask=block_plan(mask[0], args.heads, args.tile), backend="block")}
         if args.device == "cuda":  # flex has no CPU backward in torch 2.13
-            runs["flex"] = step(mask=flex_block_mask(mask, args.tile), backend="flex")
+            runs["flex"] = step(mask=flex_block_mask(mask), backend="flex")  # 128-blocks on CUDA
         for name, fn in runs.items():
             s = timed(fn, args.repeats, args.device)
             rows.append({"what": "attention fwd+bwd", "length": length, "sparsity": sparsity, "backend": name,
@@ -234,27 +234,37 @@ def lm_rows(args: argparse.Namespace) -> list[dict]:
                 rows.append({"what": what, "length": length, "sparsity": 1.0, "backend": "skip (bound)",
                              "seconds": s, "ratio": dense / s, "ideal": float("inf"), "mb": float("nan")})
                 use(None, "sdpa")
-            for sparsity, masks, kept, tile in cases:
-                for sparse_backend in sparse_backends:
-                    use(masks, sparse_backend, tile)
-                    s = timed(fn, args.repeats, args.device)
-                    rows.append({"what": what, "length": length, "sparsity": sparsity, "backend": sparse_backend,
-                                 "seconds": s, "ratio": dense / s, "ideal": 1 / kept,
-                                 "mb": memory_mb(fn, args.device, training)})
-                use(None, "sdpa")
+            rows += masked_rows(args, what, length, fn, dense, cases, sparse_backends, use, training)
+    return rows
+
+
+def masked_rows(args: argparse.Namespace, what: str, length: int, fn: Callable[[], object], dense: float,
+                cases: list[Case], backends: list[str], use: Callable[..., None], training: bool) -> list[dict]:
+    """``fn`` timed with each case's masks on each backend (``use(masks, backend, tile)`` installs them), against
+    ``dense`` seconds; dense SDPA is installed again afterwards."""
+    rows = []
+    for sparsity, masks, kept, tile in cases:
+        for backend in backends:
+            use(masks, backend, tile)
+            s = timed(fn, args.repeats, args.device)
+            rows.append({"what": what, "length": length, "sparsity": sparsity, "backend": backend, "seconds": s,
+                         "ratio": dense / s, "ideal": 1 / kept, "mb": memory_mb(fn, args.device, training)})
+    use(None, "sdpa")
     return rows
 
 
 def hf_rows(args: argparse.Namespace) -> list[dict]:
     """Prefill of a whole HF causal LM (``--model``, e.g. data/smollm2) at ``--model-lengths``: the model's own SDPA
-    (dense), attention skipped (the bound), and AP sites on the block backend with causal tile masks at ``--sparsity``
-    (the diagonal tiles kept, as AP block masks keep them) or, with ``--masks``, a ``task=clm`` run's masks of this
-    model (at their length). One sequence, ``logits_to_keep=1`` (what prefill computes), no cache."""
+    (dense), attention skipped (the bound), and AP sites on the block backend (and flex on CUDA) with causal tile
+    masks at ``--sparsity`` (the diagonal tiles kept, as AP block masks keep them) or, with ``--masks``, a
+    ``task=clm`` run's masks of this model (at their length). One sequence, ``logits_to_keep=1`` (what prefill
+    computes), no cache; ``--dtype`` weights (bfloat16 on GPUs)."""
     from transformers import AutoModelForCausalLM
 
     from ap.models.hf import attach_sites
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    sparse_backends = ["block", "flex"] if args.device == "cuda" else ["block"]  # flex on CPU: slower than block
     lengths = args.model_lengths
     if args.masks is not None:
         _, _, max_q, _ = next(iter(args.masks.meta["model"]["sites"].values()))
@@ -292,12 +302,7 @@ def hf_rows(args: argparse.Namespace) -> list[dict]:
             s = timed(prefill, args.repeats, args.device)
             rows.append({"what": what, "length": length, "sparsity": 1.0, "backend": "skip (bound)", "seconds": s,
                          "ratio": dense / s, "ideal": float("inf"), "mb": float("nan")})
-            for sparsity, masks, kept, tile in cases:
-                use(masks, "block", tile)
-                s = timed(prefill, args.repeats, args.device)
-                rows.append({"what": what, "length": length, "sparsity": sparsity, "backend": "block", "seconds": s,
-                             "ratio": dense / s, "ideal": 1 / kept, "mb": memory_mb(prefill, args.device, False)})
-            use(None, "sdpa")
+            rows += masked_rows(args, what, length, prefill, dense, cases, sparse_backends, use, False)
     return rows
 
 
@@ -320,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="an HF causal LM folder: whole-model prefill rows instead of the LM rows (task=clm)")
     parser.add_argument("--model-lengths", type=int, nargs="+", default=[2048, 4096], help="prefill lengths (--model)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights and activations of --model (bfloat16 on GPUs)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
     args = parser.parse_args(argv)

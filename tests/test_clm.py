@@ -143,3 +143,28 @@ def test_tiled_masks_of_a_clm_run_drive_the_prefill_benchmark(tiny_data, tiny_ll
     rows = list(csv.DictReader(open(tmp_path / "bench/benchmark.csv")))
     assert [r["backend"] for r in rows] == ["sdpa causal (dense)", "skip (bound)", "block"]
     assert float(rows[-1]["ideal"]) == pytest.approx(1 / kept) and kept < 1
+
+
+def test_evaluation_clocks_wait_for_cuda_kernels(monkeypatch):
+    """CUDA runs kernels asynchronously: the tokens/s clock is read after torch.cuda.synchronize, before and after the
+    forward (without it the GPU battery's first run timed kernel launches). No CUDA needed: the module's device is
+    set and the calls are recorded in order."""
+    from types import SimpleNamespace
+
+    import pytorch_lightning as pl
+
+    import ap.tasks.clm as clm
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    monkeypatch.setattr(clm.time, "perf_counter", lambda: events.append("clock") or float(len(events)))
+    task = clm.CausalLMTask.__new__(clm.CausalLMTask)
+    pl.LightningModule.__init__(task)
+    task.model = lambda **kw: events.append("forward") or SimpleNamespace(loss=torch.tensor(2.0))
+    task._eval_sums, task._eval_tokens = torch.zeros(3, dtype=torch.float64), 0
+    task._eval_step(torch.zeros(1, 8, dtype=torch.long))
+    assert events == ["clock", "forward", "clock"]  # CPU: nothing to wait for
+    events.clear()
+    task._device = torch.device("cuda", 0)
+    task._eval_step(torch.zeros(1, 8, dtype=torch.long))
+    assert events == ["sync", "clock", "forward", "sync", "clock"]

@@ -220,10 +220,7 @@ def test_auto_backend_choices():
     assert sparse.choose_backend(mask, True, False, True, 0.0, q_pos, k_pos, window) == "block", "CPU training"
     assert sparse.choose_backend(mask, True, False, True, 0.1, q_pos, k_pos, window) == "block", "with dropout"
     gpu = window[:4] + (torch.device("cuda"),)
-    assert sparse.choose_backend(mask, True, False, True, 0.0, q_pos, k_pos, gpu) == "flex", "GPU training"
-    sparse._empty_tiles[gpu] = sparse._empty_tiles[window]  # (no CUDA here to measure it on)
-    assert sparse.choose_backend(mask, True, False, False, 0.0, q_pos, k_pos, gpu) == "flex", "GPU inference"
-    assert sparse.choose_backend(mask, True, False, False, 0.1, q_pos, k_pos, gpu) == "block", "dropout: not flex"
+    assert sparse.choose_backend(mask, True, False, True, 0.0, q_pos, k_pos, gpu) == "sdpa", "CUDA: from 8k keys"
     assert dense_ish.choose_backend(dense_ish._aligned_mask(q_pos, k_pos), True, False, True, 0.0, q_pos, k_pos,
                                     window) == "sdpa", "CPU training, few empty tiles"
     assert sparse.choose_backend(mask, True, True, False, 0.0, q_pos, k_pos, window) == "sdpa", "padded batch"
@@ -237,3 +234,35 @@ def test_auto_backend_choices():
     ref = sparse(x, x, x)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(grad, torch.autograd.grad(ref.sum(), x)[0])
+
+
+def test_auto_backend_on_cuda_counts_flex_blocks_and_never_picks_block(monkeypatch):
+    """On CUDA (measured on an H200 by scripts/gpu_check.py) flex runs 128-blocks and block is slower than SDPA: auto
+    picks flex only when >= 75 % of the valid 128-blocks are empty (a mask of scattered 64-tiles empties its 64-tiles,
+    not its 128-blocks: SDPA), and SDPA, never block, with attention dropout. (The decision only reads the window's
+    device: no CUDA needed.)"""
+    import ap.core.sites as sites
+
+    monkeypatch.setattr(sites, "AUTO_SPARSE_MIN_LEN_CUDA", 1024)
+    n, length = 16, 1024  # 16 x 16 tiles of 64
+    lower = torch.ones(n, n, dtype=torch.bool).tril(-1)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    # 13 of the 28 lower 128-blocks visited by one 64-tile each: 78.7 % of the 64-tiles, 41.7 % of the 128-blocks empty
+    scattered = torch.eye(n, dtype=torch.bool) | (lower & (i % 2 == 0) & ((j == 0) | (j == i - 2)))
+    aligned = torch.eye(n // 2, dtype=torch.bool).repeat_interleave(2, 0).repeat_interleave(2, 1)  # the diagonal
+    # 128-blocks: 77.8 % of them empty
+    q_pos = k_pos = real_positions(None, length)
+    cpu, gpu = (0, 0, length, length, torch.device("cpu")), (0, 0, length, length, torch.device("cuda"))
+    choices = {}
+    for name, tiles in (("scattered", scattered), ("aligned", aligned)):
+        site = AttentionSite("dec_self", 1, length, length, backend="auto")
+        site.name = name
+        site.set_mask(tiles.repeat_interleave(64, 0).repeat_interleave(64, 1).tril()[None].clone())
+        mask = site._aligned_mask(q_pos, k_pos)
+        choices[name] = [site.choose_backend(mask, True, False, training, p, q_pos, k_pos, w)
+                         for w in (cpu, gpu) for training, p in ((False, 0.0), (True, 0.0), (True, 0.1))]
+        choices[name].append(round(site._empty_tiles[gpu], 3))
+    assert choices["scattered"][:3] == ["block"] * 3, "CPU: 64-tiles mostly empty"
+    assert choices["scattered"][3:6] == ["sdpa"] * 3, "CUDA: most 128-blocks visited"
+    assert choices["aligned"][3:6] == ["flex", "flex", "sdpa"], "CUDA: empty 128-blocks; dropout: SDPA, not block"
+    assert choices["aligned"][6] >= 0.75 > choices["scattered"][6]

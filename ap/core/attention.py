@@ -7,10 +7,10 @@ registered by name (like HF transformers' ``AttentionInterface``):
   the probabilities (used for calibration).
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; with no mask and ``is_causal`` it is the fused causal
   kernel (the honest dense baseline), with a bool mask it is a masked dense kernel (correct, not faster).
-- ``auto`` (resolved per call by ``AttentionSite``): ``flex`` to train on GPU without attention dropout; otherwise, when
-  the mask empties at least ``AUTO_SPARSE_MIN_EMPTY`` of the valid tiles of a window of ``AUTO_SPARSE_MIN_LEN`` keys or
-  more (where ``scripts/benchmark.py`` measured them ahead), ``block`` on CPU (training and inference) and ``flex`` on
-  GPU (``block`` with attention dropout); else ``sdpa``.
+- ``auto`` (resolved per call by ``AttentionSite``): on CPU ``block`` when the mask empties at least
+  ``AUTO_SPARSE_MIN_EMPTY`` of the valid 64-tiles of a window of ``AUTO_SPARSE_MIN_LEN`` keys or more (where
+  ``scripts/benchmark.py`` measured it ahead); on CUDA ``flex`` (no attention dropout) when that share of the valid
+  128-blocks is empty from ``AUTO_SPARSE_MIN_LEN_CUDA`` keys (``scripts/gpu_check.py``), never ``block``; else ``sdpa``.
 - ``block``: block-sparse attention from fused kernels, planned once per mask (``BlockPlan``): query tiles are grouped
   by their number of kept key tiles (and mask pattern); per group one fused call on the gathered kept tiles, so every
   query row's softmax is computed in one call and pruned tiles never are. On CPU without dropout (the flash path) the
@@ -138,14 +138,24 @@ def empty_tiles(keep: Tensor, valid: Tensor, bs: int) -> tuple[int, int]:
     return int((has_valid & ~has_kept).sum()), int(has_valid.expand_as(has_kept).sum())
 
 
-FLEX_BLOCK_SIZE = 64  # FlexAttention tile (queries x keys): 64 beat 128 and 256 on 2 CPU cores; pair with pruning.block_size=64
+FLEX_BLOCK_SIZE = 64  # FlexAttention tile (queries x keys) on CPU: 64 beat 128 and 256 on 2 CPU cores
+# On CUDA flex's Triton kernels tile 128 x 64 (forward) and 64 x 128 (backward) on Hopper: 64-blocks do not compile
+# there ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N", torch 2.11 on an H200, scripts/gpu_check.py)
+FLEX_BLOCK_SIZE_CUDA = 128
 _flex_compiled: Optional[Callable[..., Tensor]] = None
 
 
-def flex_block_mask(keep: Tensor, block_size: int = FLEX_BLOCK_SIZE) -> Any:
-    """A FlexAttention ``BlockMask`` with ``block_size`` tiles for a bool ``keep`` broadcastable to ``(B, H, Tq, Tk)``."""
+def flex_block_size(device: torch.device | str) -> int:
+    """The FlexAttention ``BlockMask`` tile on ``device``: 128 on CUDA, 64 elsewhere."""
+    return FLEX_BLOCK_SIZE_CUDA if torch.device(device).type == "cuda" else FLEX_BLOCK_SIZE
+
+
+def flex_block_mask(keep: Tensor, block_size: Optional[int] = None) -> Any:
+    """A FlexAttention ``BlockMask`` for a bool ``keep`` broadcastable to ``(B, H, Tq, Tk)``, with ``block_size`` tiles
+    (default: ``flex_block_size`` of the mask's device). Kept tiles apply the exact element mask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    block_size = block_size or flex_block_size(keep.device)
     while keep.dim() < 4:
         keep = keep[None]
     b, h, tq, tk = keep.shape
@@ -166,7 +176,8 @@ def flex_backend(
     """``mask``: a bool tensor (a ``BlockMask`` is built per call) or a prepared ``BlockMask`` (callers cache it)."""
     global _flex_compiled
     if dropout_p > 0:
-        raise MaskError("the flex backend has no attention dropout: use it in eval mode or with dropout 0")
+        raise MaskError("the flex backend has no attention dropout: use it in eval mode, with dropout 0 "
+                        "(e.g. model.dropout=0.0) or with model.backend=auto (it picks another backend with dropout)")
     if q.device.type == "cpu" and needs_grad(q, k, v):
         raise MaskError("flex attention has no backward on CPU (torch 2.13): train with backend sdpa or eager, "
                         "use flex for inference or on a GPU")

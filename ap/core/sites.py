@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .attention import (BLOCK_TILE, FLEX_BLOCK_SIZE, attention, block_plan, empty_tiles, flex_block_mask,
+from .attention import (BLOCK_TILE, attention, block_plan, empty_tiles, flex_block_mask, flex_block_size,
                         needs_grad)
 from .errors import MaskError
 
@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 # forward and 1.81x / 1.40x in forward+backward at L 512 / 2048; at 50 % about level, 1.11x / 0.98x at L 2048)
 AUTO_SPARSE_MIN_EMPTY = 0.75
 AUTO_SPARSE_MIN_LEN = 512
+# On CUDA flex runs 128-blocks and the fused dense kernels are strong: scripts/gpu_check.py on an H200 (bf16, B1 H16
+# D64, 90 % of the valid 128-tiles empty) had flex 1.20-1.46x causal SDPA at 8k and 3.2-4.1x at 32k, but masks of
+# 64-tiles (128-blocks mostly visited) 0.24-0.95x, and the block backend 0.05-0.32x everywhere: auto counts empty
+# 128-blocks there, picks flex from 8k keys, never block (SDPA instead).
+AUTO_SPARSE_MIN_LEN_CUDA = 8192
 
 # recorder(site, probs (B, H, Tq, Tk), q_pos (B|1, Tq), k_pos (B|1, Tk)); positions are -1 at padding.
 Recorder = Callable[["AttentionSite", Tensor, Tensor, Tensor], None]
@@ -242,20 +247,21 @@ class AttentionSite(nn.Module):
                        q_pos: Tensor, k_pos: Tensor, window: tuple) -> str:
         """What ``backend="auto"`` runs for this call (logged once per site and choice)."""
         device = window[4]
-        if mask is None or padded:
-            choice = "sdpa"  # dense: the fused kernel; padded batches: per-batch masks
-        elif training and device.type == "cuda" and dropout_p == 0:
-            choice = "flex"  # forward and backward (flex has no attention dropout)
+        cuda = device.type == "cuda"
+        if mask is None or padded or (cuda and dropout_p > 0):
+            choice = "sdpa"  # dense: the fused kernel; padded batches: per-batch masks; CUDA with attention
+            # dropout: flex has none and block is slower than SDPA there
         else:
             if window not in self._empty_tiles:
-                keep = self._window_keep(mask, is_causal, q_pos, k_pos, window)[0]  # (H|1, Tq, Tk)
-                valid = self._window_keep(self._band(q_pos, k_pos), is_causal, q_pos, k_pos, window)[0]  # (1, Tq, Tk)
-                empty, total = empty_tiles(keep, valid.expand_as(keep), FLEX_BLOCK_SIZE)
+                here = window[:4] + (mask.device,)  # counted where the mask is
+                keep = self._window_keep(mask, is_causal, q_pos, k_pos, here)[0]  # (H|1, Tq, Tk)
+                valid = self._window_keep(self._band(q_pos, k_pos), is_causal, q_pos, k_pos, here)[0]  # (1, Tq, Tk)
+                empty, total = empty_tiles(keep, valid.expand_as(keep), flex_block_size(device) if cuda else BLOCK_TILE)
                 self._empty_tiles[window] = empty / total
-            big = window[3] >= AUTO_SPARSE_MIN_LEN and self._empty_tiles[window] >= AUTO_SPARSE_MIN_EMPTY
-            # on CPU block beats flex in forward and has the backward flex lacks (torch 2.13); on GPU flex, except
-            # with attention dropout (flex has none)
-            choice = ("block" if device.type == "cpu" or dropout_p > 0 else "flex") if big else "sdpa"
+            min_len = AUTO_SPARSE_MIN_LEN_CUDA if cuda else AUTO_SPARSE_MIN_LEN
+            big = window[3] >= min_len and self._empty_tiles[window] >= AUTO_SPARSE_MIN_EMPTY
+            # on CPU block beats flex in forward and has the backward flex lacks (torch 2.13); on CUDA flex
+            choice = ("flex" if cuda else "block") if big else "sdpa"
         if (choice, training) not in self._auto_logged:
             self._auto_logged.add((choice, training))
             log.info(f"site {self.name}: backend auto -> {choice} ({'training' if training else 'inference'} on "

@@ -141,9 +141,16 @@ class CausalLMTask(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def _sync(self) -> None:
+        """Wait for queued GPU work: CUDA kernels run asynchronously, so a clock read without it times the launches."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _eval_step(self, batch: Tensor) -> None:
+        self._sync()
         t0 = time.perf_counter()
         loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss  # mean over B * (T - 1) tokens
+        self._sync()
         seconds = time.perf_counter() - t0
         n = batch.shape[0] * (batch.shape[1] - 1)
         self._eval_sums += torch.tensor([loss.item() * n, n, seconds], dtype=torch.float64,
