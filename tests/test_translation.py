@@ -345,6 +345,56 @@ def test_unreadable_fairseq_checkpoint_is_one_error_line(tmp_path: Path) -> None
         load_checkpoint(bad, task=None)
 
 
+
+class Payload:
+    """Stands for any object a pickle can hold; unpickling it runs code (here: writes a file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_fairseq_checkpoints_load_without_running_their_code(tmp_path: Path) -> None:
+    """Checkpoints are read with weights_only=True plus what fairseq checkpoints hold (argparse.Namespace, OmegaConf
+    containers); anything else is refused naming model.checkpoint_trusted=true, which unpickles the file whole."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from ap.models.fairseq_mt import read_checkpoint
+
+    state = {"args": argparse.Namespace(arch="transformer", encoder_layers=1), "model": {"w": torch.ones(2)},
+             "cfg": {"model": OmegaConf.create({"_name": "transformer", "encoder_layers": 1, "dropout": 0.1}),
+                     "task": OmegaConf.create({"data": ["a", "b"]})}}
+    ok = tmp_path / "ok.pt"
+    torch.save(state, ok)
+    loaded = read_checkpoint(ok)
+    assert loaded["args"].encoder_layers == 1 and loaded["cfg"]["model"].dropout == 0.1
+    assert list(loaded["cfg"]["task"].data) == ["a", "b"] and torch.equal(loaded["model"]["w"], torch.ones(2))
+    marker = tmp_path / "code_ran"
+    bad = tmp_path / "bad.pt"
+    torch.save({**state, "extra_state": Payload(str(marker))}, bad)
+    with pytest.raises(APError, match=r"holds getattr besides tensors and configs.*model.checkpoint_trusted=true"):
+        read_checkpoint(bad)
+    assert not marker.exists()  # nothing of the file ran
+    read_checkpoint(bad, trusted=True)
+    assert marker.exists()  # the explicit opt-in unpickles it whole
+
+
+def test_checkpoint_trusted_reaches_the_loader() -> None:
+    """model.checkpoint_trusted composes for every fairseq model config and is passed to load_checkpoint."""
+    import inspect
+
+    import ap.tasks as tasks
+
+    for model in ("transformer_mt_small", "transformer_wmt_en_de", "transformer_iwslt_de_en"):
+        assert compose_cfg(["task=wmt", f"model={model}", "model.checkpoint_trusted=true"]).model.checkpoint_trusted
+    assert "checkpoint_trusted=m.get(\"checkpoint_trusted\", False)" in inspect.getsource(tasks._build_wmt)
+    assert "trusted=checkpoint_trusted" in inspect.getsource(TranslationTask.__init__)
+
+
 WMT_TINY = ["task=wmt", "pruning=ap50", "model.args.encoder_layers=1", "model.args.decoder_layers=1",
             "model.args.encoder_embed_dim=32", "model.args.decoder_embed_dim=32",
             "model.args.encoder_ffn_embed_dim=64", "model.args.decoder_ffn_embed_dim=64",

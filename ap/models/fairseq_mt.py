@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -259,17 +261,48 @@ def build_transformer(args: argparse.Namespace, task: Any) -> nn.Module:
     return ARCH_MODEL_REGISTRY[args.arch].build_model(args, task)
 
 
-def load_checkpoint(path: str | Path, task: Any) -> tuple[nn.Module, argparse.Namespace]:
-    """A fairseq checkpoint (``checkpoint_best.pt`` of fairseq-train) as a model for ``task``'s dictionaries.
+def checkpoint_globals() -> list[Any]:
+    """What fairseq checkpoints hold besides tensors and plain containers: their config as an ``argparse.Namespace``
+    (fairseq-train) or OmegaConf containers (older fairseq-hydra-train), allowed when unpickling with
+    ``weights_only=True``."""
+    import collections
+    import typing
 
-    fairseq checkpoints hold an ``argparse.Namespace``/OmegaConf config, so they are unpickled with
-    ``weights_only=False``: load only checkpoints you trust.
-    """
+    from omegaconf import DictConfig, ListConfig, nodes
+    from omegaconf.base import ContainerMetadata, Metadata
+
+    builtins = [dict, list, tuple, set, int, float, str, bool, collections.defaultdict]  # OmegaConf's pickles build
+    # these by calling them
+    return [argparse.Namespace, DictConfig, ListConfig, ContainerMetadata, Metadata, typing.Any, nodes.AnyNode,
+            nodes.StringNode, nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode, nodes.EnumNode, *builtins]
+
+
+def read_checkpoint(path: Path, trusted: bool = False) -> Any:
+    """``torch.load`` of a fairseq checkpoint: ``weights_only=True`` with ``checkpoint_globals`` allowed, so loading
+    runs no code from the file; a file that needs more is refused naming ``model.checkpoint_trusted=true``, which
+    unpickles it whole (only for files you trust)."""
+    with torch.serialization.safe_globals(checkpoint_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            if trusted or "Weights only load failed" not in str(e):
+                raise
+            raise APError(f"model.checkpoint={path} holds {found.group(1) if found else 'objects'} besides tensors "
+                          f"and configs, which loading would have to run; if you trust the file, set "
+                          f"model.checkpoint_trusted=true") from None
+
+
+def load_checkpoint(path: str | Path, task: Any, trusted: bool = False) -> tuple[nn.Module, argparse.Namespace]:
+    """A fairseq checkpoint (``checkpoint_best.pt`` of fairseq-train) as a model for ``task``'s dictionaries (read by
+    ``read_checkpoint``: ``trusted`` unpickles everything the file holds)."""
     path = Path(path)
     if not path.is_file():
         raise APError(f"model.checkpoint={path} does not exist; point it at a fairseq checkpoint (.pt)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path, trusted)
+    except APError:
+        raise
     except Exception as e:  # truncated, corrupt or not a torch file
         why = (str(e).strip().splitlines() or [""])[0][:120]
         raise APError(f"model.checkpoint={path} could not be read as a fairseq checkpoint ({type(e).__name__}: "

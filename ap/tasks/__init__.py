@@ -57,6 +57,7 @@ def _build_wmt(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningMod
     dm.setup()  # the model needs the dictionaries
     m = cfg.model
     module = instantiate(cfg.task.module, fairseq_task=dm.task, arch=m.arch, args=m.args, checkpoint=m.checkpoint,
+                         checkpoint_trusted=m.get("checkpoint_trusted", False),
                          max_source_positions=cfg.data.max_source_positions,
                          max_target_positions=cfg.data.max_target_positions, backend=m.backend,
                          post_process=cfg.data.post_process, target_lang=cfg.data.target_lang, _convert_="all")

@@ -169,7 +169,8 @@ class TranslationTask(pl.LightningModule):
     """A fairseq encoder-decoder Transformer trained with label smoothing and evaluated with beam search + BLEU."""
 
     def __init__(self, fairseq_task: Any, arch: str = "transformer", args: Optional[dict[str, Any]] = None,
-                 checkpoint: Optional[str] = None, max_source_positions: int = 256, max_target_positions: int = 256,
+                 checkpoint: Optional[str] = None, checkpoint_trusted: bool = False, max_source_positions: int = 256,
+                 max_target_positions: int = 256,
                  backend: str = "sdpa", post_process: str = "sentencepiece", label_smoothing: float = 0.1,
                  lr: float = 1e-3, warmup_updates: int = 4000, warmup_init_lr: float = 1e-7,
                  betas: tuple[float, float] = (0.9, 0.98), weight_decay: float = 0.0, beam: int = 5,
@@ -187,7 +188,7 @@ class TranslationTask(pl.LightningModule):
         self.src_dict, self.tgt_dict = fairseq_task.source_dictionary, fairseq_task.target_dictionary
         positions = {"max_source_positions": max_source_positions, "max_target_positions": max_target_positions}
         if checkpoint:
-            self.model, self.args = fairseq_mt.load_checkpoint(checkpoint, fairseq_task)
+            self.model, self.args = fairseq_mt.load_checkpoint(checkpoint, fairseq_task, trusted=checkpoint_trusted)
             self.pretrained = True  # run.py skips dense training
             for side, wanted in (("source", max_source_positions), ("target", max_target_positions)):
                 has = getattr(self.args, f"max_{side}_positions")
