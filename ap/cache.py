@@ -6,8 +6,10 @@ job (a plain ``-m`` sweep, parallel joblib workers, SLURM array tasks, DDP ranks
 
 - **Keys** are built by leaving out what cannot change the product (``dense_payload``): a forgotten key costs a miss,
   never a wrong hit. Data paths are replaced by a fingerprint of the files below them; versions of ap and torch are in.
-- **Atomic entries**: an entry is built in ``<stage>/.tmp/``, gets ``entry.json`` (the payload it hashes and the
-  sha256 of every file), and is renamed into place. A job killed while building leaves no entry.
+- **Atomic entries**: an entry is built in ``<stage>/.tmp/<key>-<host>-<pid>-<random>``, gets ``entry.json`` (the payload it hashes and the
+  sha256 of every file), and is renamed into place. A job killed while building leaves no entry; its folder is
+  cleared by the next builder only when that builder runs on the same host and the owner's process is gone (a lock
+  that does not span nodes must not let one node delete another's live build).
 - **One builder**: jobs that miss the same entry wait on a ``filelock.FileLock`` (``<stage>/.locks/<key>.lock``);
   the first builds it, the others
   reuse it. Every job, builder or not, then loads the product from the entry, so a result never depends on hit or miss.
@@ -24,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -57,6 +60,21 @@ def attempt_id() -> str:
     if os.environ.get("SLURM_JOB_ID"):
         return f"slurm{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
     return os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("AP_LAUNCH") or "local"
+
+
+def builder_is_dead(name: str, key: str) -> bool:
+    """Whether the builder of the temporary folder ``name`` (``<key>-<host>-<pid>-<random>``) is known to be dead: it
+    ran on this host and its process is gone. Builders on other hosts, and names without a host, count as alive."""
+    host, _, pid = name[len(key) + 1:].rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def fingerprint(path: Path) -> str:
@@ -164,7 +182,10 @@ class StageCache:
                 self._decide(stage, key, "reuse")
                 return Entry(stage, key, final, reused=True)
             for stale in (final.parent / ".tmp").glob(f"{key}-*"):  # of killed builders (we hold the lock)
-                shutil.rmtree(stale, ignore_errors=True)
+                if builder_is_dead(stale.name, key):
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:  # (a lock that does not span nodes: another node may be building it right now)
+                    log.info(f"Stage {stage}: leaving {stale}, its builder may be alive on another node")
             if final.exists():
                 raise APError(f"stage cache folder {final} exists without {MARKER} (an unfinished or foreign "
                               f"entry); delete it to recompute it")
@@ -177,7 +198,7 @@ class StageCache:
     # --- internals ---------------------------------------------------------------------------------------------
     def _build(self, stage: str, key: str, payload: dict[str, Any], build: Callable[[Optional[Path]], None],
                final: Path) -> None:
-        tmp = final.parent / ".tmp" / f"{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / ".tmp" / f"{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             build(tmp)

@@ -253,13 +253,25 @@ def test_followers_stop_when_rank_zero_fails_or_disagrees(tmp_path, monkeypatch)
 
 
 def test_lanes_of_killed_builders_are_cleared_and_a_foreign_folder_is_an_error(tmp_path):
+    """A build folder is cleared only when its owner (host and pid in its name) is known dead: on this host with no
+    such process. A live owner here, one on another node (a lock that does not span nodes) or a name without a host
+    keep theirs."""
+    import socket
+    import subprocess
+    import sys
+
     cache, log = StageCache(tmp_path / "cache", tmp_path / "run"), tmp_path / "log"
     key = key_of({"a": 1})
-    stale = tmp_path / "cache/stages/dense/.tmp" / f"{key}-99999-deadbeef"
-    stale.mkdir(parents=True)
-    (stale / "half.pt").write_text("half")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    lanes = {"dead here": f"{key}-{host}-{int(dead.stdout)}-deadbeef", "live here": f"{key}-{host}-{os.getpid()}-1",
+             "other node": f"{key}-node-07.cluster-{int(dead.stdout)}-2", "no host": f"{key}-{int(dead.stdout)}-3"}
+    for name in lanes.values():
+        (tmp_path / "cache/stages/dense/.tmp" / name).mkdir(parents=True)
+        (tmp_path / "cache/stages/dense/.tmp" / name / "half.pt").write_text("half")
     cache.fetch("dense", {"a": 1}, counting_build(log))
-    assert not stale.exists()
+    left = {what for what, name in lanes.items() if (tmp_path / "cache/stages/dense/.tmp" / name).exists()}
+    assert left == {"live here", "other node", "no host"}
     foreign = tmp_path / "cache/stages/dense" / key_of({"a": 2})
     foreign.mkdir()
     with pytest.raises(APError, match=f"{foreign} exists without entry.json"):
