@@ -13,7 +13,9 @@ Writes to ``--out`` (default ``<first folder>/collected``), overwriting an earli
     the achieved ``sparsity`` and ``sparsity/<kind>``; metrics after fine-tuning (``val/ppl``), before it
     (``pre/val/ppl``), of the dense model (``dense/val/ppl``) and of the dense+ft baseline (``dense_ft/val/ppl``);
     seconds per stage (``time/<stage>``); ``stage/<name>`` = ran | reused | given | skipped; any other config key that
-    differs between runs which would otherwise be averaged together (dotted, e.g. ``model.n_layers``); overrides; run.
+    differs between runs which would otherwise be averaged together (dotted, e.g. ``model.n_layers``; input files and
+    folders such as ``data.dir`` or ``pruning.dense_ckpt`` as ``<name>~<6 hex of the path>``); ``copy`` when runs
+    share every setting and a seed (never averaged: a row each, with a warning); overrides; run.
 ``failed.csv``
     run folders (``.hydra/config.yaml``, written when a job starts) without a readable ``results.json``: ``status``,
     ``error``, the job's ``overrides`` and the last line of its ``run.log``.
@@ -27,17 +29,20 @@ Writes to ``--out`` (default ``<first folder>/collected``), overwriting an earli
     at which our AP keeps the claim's quality); then the runs without results. The CLI prints it.
 ``curve_<task_name>_<metric>.png``
     each metric (not loss) against achieved sparsity: one line per policy (mean ± std over seeds), solid after
-    fine-tuning, dashed before it; dense and dense+ft as horizontal lines; the paper's points as stars and its
+    fine-tuning, dashed before it; dense and dense+ft as horizontal lines per model variant; the paper's points as
+    stars and its
     claimed sparsity as a vertical line (paper presets).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -52,10 +57,15 @@ SETTING = ["task", "task_name", "experiment", "model", "policy", "pruning", "tar
 METRIC_SOURCES = {"metrics": "", "pruned_before_finetune_metrics": "pre/", "dense_metrics": "dense/",
                   "dense_finetuned_metrics": "dense_ft/"}
 VALUE_PREFIXES = ("pre/", "dense/", "dense_ft/", "sparsity", "time/")
-# config keys that never make two runs different settings: the seed, where files go, logging, the stage cache
+# config keys that never make two runs different settings: the seed, where this run's files go, logging, the stage
+# cache. Input files and folders (data, checkpoints, masks, statistics, models) are settings: PATH_CONFIG values are
+# shown by a short, stable label (``path_label``).
 IGNORED_CONFIG = re.compile(r"^(seed|ckpt_path|dense_finetune_baseline|pruning\.(seed|name|heatmaps)|paths\..*|"
                             r"logger\..*|cache\..*|trainer\.(enable_progress_bar|log_every_n_steps)|"
-                            r"data\.num_workers)$|(_path|_ckpt|_dir|\.dir)$")
+                            r"data\.num_workers)$")
+PATH_CONFIG = re.compile(r"(_path|_ckpt|_dir|\.dir|\.checkpoint|_files\.\w+)$")
+# the settings of the pruning: everything else in a setting is the model variant (its dense reference lines)
+PRUNING_SETTING = ("policy", "pruning", "target", "kinds", "scope", "block_size", "reinit", "finetune")
 # the paper's numbers (see the file's header)
 PAPER_RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "paper_results.yaml"
 LOWER_IS_BETTER = ("ppl", "nll", "loss")
@@ -98,6 +108,7 @@ def load_runs(folders: Iterable[Path | str]) -> tuple[pd.DataFrame, pd.DataFrame
         runs = runs.drop(columns="experiment")
     if not runs.empty:
         runs = _with_differing_config(runs, pd.DataFrame(configs, index=runs.index))
+        runs = _copies_of_a_seed(runs)
         runs = runs[_ordered(runs.columns)].sort_values(["task", "task_name", "model", "policy", "target", "pruning",
                                                          "seed"], na_position="first", kind="stable")
     failed = pd.DataFrame(failed, columns=["run", "status", "error", "overrides", "log_tail"])
@@ -106,7 +117,8 @@ def load_runs(folders: Iterable[Path | str]) -> tuple[pd.DataFrame, pd.DataFrame
 
 def setting_columns(runs: pd.DataFrame) -> list[str]:
     """The columns that identify a setting (everything a mean over seeds keeps apart)."""
-    return [c for c in runs.columns if c in SETTING or c.startswith("target/") or "." in c and "/" not in c]
+    return [c for c in runs.columns if c in SETTING or c == "copy" or c.startswith("target/")
+            or "." in c and "/" not in c]
 
 
 def value_columns(runs: pd.DataFrame) -> list[str]:
@@ -125,6 +137,28 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     stats["n"] = grouped.size()
     stats["seeds"] = grouped["seed"].agg(lambda s: ",".join(str(int(x)) if pd.notna(x) else "?" for x in sorted(s)))
     return stats.reset_index()
+
+
+def path_label(value: Any) -> Any:
+    """A file or folder setting as ``<name>~<6 hex of the whole path>``: short, and the same path always gives the
+    same label (two folders of one name stay apart)."""
+    if not isinstance(value, str) or not value:
+        return value
+    return f"{Path(value.rstrip('/')).name or value}~{hashlib.sha1(value.encode()).hexdigest()[:6]}"
+
+
+def _copies_of_a_seed(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one setting with the same seed are no seeds of each other (a setting that tells them apart is not
+    recorded, or a run was repeated): each gets its own ``copy`` number, so no row averages them, with a warning."""
+    keys = setting_columns(runs)
+    copy = runs.groupby([*keys, "seed"], dropna=False, sort=False).cumcount()
+    if not copy.any():
+        return runs
+    for _, dup in runs[copy.groupby([runs[k].astype(str) for k in [*keys, "seed"]]).transform("max") > 0].groupby(
+            [*keys, "seed"], dropna=False, sort=False):
+        warnings.warn(f"collect: {len(dup)} runs share every setting and seed {dup['seed'].iloc[0]} "
+                      f"({', '.join(dup['run'])}): not averaged, one row each (column copy)", stacklevel=2)
+    return runs.assign(copy=copy)
 
 
 def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] = None) -> list[Path]:
@@ -158,9 +192,9 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
                                 marker="o", mfc="none", capsize=3, linestyle="--",
                                 label=f"{label} (before fine-tuning)")
             for prefix, name, style in (("dense/", "dense", "-"), ("dense_ft/", "dense+ft", ":")):
-                for model, value in _reference(here, prefix + metric).items():
-                    ax.axhline(value, color="0.3", linestyle=style, linewidth=1,
-                               label=name + (f" ({model})" if here["model"].nunique() > 1 else ""))
+                for j, (variant, value) in enumerate(_reference(here, prefix + metric).items()):
+                    ax.axhline(value, color=f"{0.15 + 0.2 * (j % 4):.2f}", linestyle=style, linewidth=1,
+                               label=name + (f" ({variant})" if variant else ""))
             for point in paper_points:
                 if point["metric"] == metric:
                     ax.scatter(100 * point["sparsity"], point["value"], marker="*", s=160, color="k", zorder=5,
@@ -230,6 +264,7 @@ def markdown(summary: pd.DataFrame, failed: pd.DataFrame, paper: Optional[dict] 
                           for policy, target in zip(part["policy"].fillna("none"), part["target"].fillna(0.0))]
                 table.insert(table.columns.get_loc(metric) + 1, f"paper {metric}", values)
         table["n"] = part["n"].astype(str)
+        table["seeds"] = part["seeds"].astype(str)
         align = ["left" if c in shown and c != "target" else "right" for c in table.columns]
         text = (f"## {task_name}\n\n" + (f"All rows: {', '.join(common)}\n\n" if common else "")
                 + f"{table.to_markdown(index=False, disable_numparse=True, colalign=align)}\n")
@@ -456,7 +491,7 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
         "task_name": r.get("task_name") or (cfg.get("task") or {}).get("name") or (cfg.get("data") or {}).get("name"),
         "model": _model_name(cfg.get("model") or {}), "seed": cfg.get("seed"), "policy": policy, "pruning": label,
         "target": 0.0 if policy == "none" else pruning_cfg.get("sparsity"),
-        "kinds": ",".join(pruning_cfg["kinds"]) if pruning_cfg.get("kinds") and policy != "none" else None,
+        "kinds": _kinds(pruning_cfg.get("kinds"), r.get("sparsity_per_kind")) if policy != "none" else None,
         "scope": pruning_cfg.get("scope") if policy != "none" else None,
         "block_size": pruning_cfg.get("block_size") if policy != "none" else None,
         "reinit": pruning_cfg.get("reinit") if policy != "none" else None,
@@ -471,6 +506,14 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
     row.update({f"time/{k.removesuffix('_s')}": v for k, v in (r.get("timing") or {}).items()})
     row.update({f"stage/{k}": (v or {}).get("status") for k, v in (r.get("stages") or {}).items()})
     return row
+
+
+def _kinds(pruned: Optional[list[str]], present: Optional[dict[str, float]]) -> Optional[str]:
+    """The attention kinds a run pruned that its model has (a causal LM has dec_self only, whatever the config
+    lists); older results without per-kind sparsity: the config's list."""
+    if not pruned:
+        return None
+    return ",".join(k for k in pruned if not present or k in present) or None
 
 
 def _model_name(model: dict[str, Any]) -> Optional[str]:
@@ -493,7 +536,8 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict) and v:
             flat.update(_flatten(v, f"{prefix}{k}."))
         elif not IGNORED_CONFIG.search(prefix + k):
-            flat[prefix + k] = json.dumps(v) if isinstance(v, (list, dict)) else v
+            flat[prefix + k] = (json.dumps(v) if isinstance(v, (list, dict)) else
+                                path_label(v) if PATH_CONFIG.search(prefix + k) else v)
     return flat
 
 
@@ -564,11 +608,22 @@ def _metrics(runs: pd.DataFrame) -> list[str]:
 
 
 def _reference(runs: pd.DataFrame, column: str) -> dict[str, float]:
-    """Mean over seeds of a dense reference column, per model (runs of one seed share their dense stage)."""
+    """Mean over seeds of a dense reference column per model variant (every setting but the pruning's: another
+    memory length, data folder or dense checkpoint is another dense model), labelled by what tells the variants
+    apart ("" for one variant). Runs of one seed and variant share their dense stage."""
     if column not in runs or runs[column].isna().all():
         return {}
-    per_seed = runs.groupby(["model", "seed"], dropna=False)[column].mean()
-    return {str(m): v for m, v in per_seed.groupby(level=0, dropna=False).mean().items() if pd.notna(v)}
+    variant = [c for c in setting_columns(runs) if c not in PRUNING_SETTING and c != "copy"
+               and not c.startswith(("target/", "pruning."))]
+    per_seed = runs.groupby([*variant, "seed"], dropna=False)[column].mean()
+    means = per_seed.groupby(level=list(range(len(variant))), dropna=False).mean()
+    differ = [i for i, c in enumerate(variant) if runs[c].astype(str).nunique() > 1]
+    out = {}
+    for key, value in means.items():
+        key = key if isinstance(key, tuple) else (key,)
+        if pd.notna(value):
+            out[", ".join(f"{variant[i]}={key[i]}" for i in differ)] = value
+    return out
 
 
 def _mean_std(mean: float, std: float, percent: bool = False) -> str:

@@ -13,6 +13,7 @@ import matplotlib.image
 import pytest
 
 import numpy as np
+import pandas as pd
 import yaml
 
 from ap.collect import (BadPaperResults, load_paper_results, load_runs, markdown, paper_for, plot_curves,
@@ -32,7 +33,7 @@ def config(task: str, name: str, policy: str, sparsity: float | None, seed: int,
             "pruning": {"name": f"{policy}{int(100 * sparsity)}" if sparsity else policy, "policy": policy,
                         "sparsity": sparsity, "kind_sparsity": {k: (kind_sparsity or {}).get(k) for k in KINDS},
                         "kinds": KINDS, "scope": "layer", "block_size": 0, "seed": seed, "reinit": False,
-                        "stats_path": f"/somewhere/seed{seed}/stats.pt", "heatmaps": seed == 0},
+                        "stats_path": None, "heatmaps": seed == 0},
             "task": {"type": task, "name": name, "optimized_metric": "val/ppl"},
             "paths": {"output_dir": f"/runs/{seed}"}}
 
@@ -124,7 +125,7 @@ def test_summarize_means_over_seeds(sweep):
     runs, _ = load_runs([sweep])
     summary = summarize(runs)
     lm = summary[summary["task_name"] == "lm_sample"]
-    assert len(lm) == 3, "seeds averaged; paths, heatmaps and the random seed are no setting"
+    assert len(lm) == 3, "seeds averaged; heatmaps and the random seed are no setting"
     ap90 = lm[lm["pruning"] == "ap90"].iloc[0]
     ppl = [LM_PPL[("ap90", 0)], LM_PPL[("ap90", 1)]]
     assert ap90["n"] == 2 and ap90["seeds"] == "0,1"
@@ -307,3 +308,54 @@ def test_cli_paper_option(tmp_path, paper_file):
     missing = run_cli(str(sweep), "--out", str(tmp_path / "c"), "--paper", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "nope.yaml: no such file" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+
+
+def _variant_run(folder: Path, seed: int, data_dir: str, dense_ckpt: str, ppl: float, **model: int) -> Path:
+    r = lm_results("ap50", seed)
+    r["config"]["data"]["dir"] = data_dir
+    r["config"]["pruning"]["dense_ckpt"] = dense_ckpt
+    r["config"]["model"].update(model)
+    r["metrics"]["val/ppl"] = ppl
+    return write_run(folder, r)
+
+
+def test_paths_are_settings_and_runs_of_one_seed_are_never_averaged(tmp_path):
+    """Two data folders x two dense checkpoints, all seed 0, are four settings of one run each (paths shown by a short
+    stable label), never "mean over n=4"; two runs of one setting and seed are kept apart with a warning."""
+    for i, (data, ckpt) in enumerate([(d, c) for d in ("/data/a/lm_sample", "/data/b/lm_sample")
+                                      for c in ("/ckpt/x/last.ckpt", "/ckpt/y/last.ckpt")]):
+        _variant_run(tmp_path / "paths" / str(i), 0, data, ckpt, 20.0 + i)
+    runs, _ = load_runs([tmp_path / "paths"])
+    summary = summarize(runs)
+    assert len(summary) == 4 and set(summary["n"]) == {1} and set(summary["seeds"]) == {"0"}
+    labels = set(summary["data.dir"])
+    assert len(labels) == 2 and all(re.fullmatch(r"lm_sample~[0-9a-f]{6}", x) for x in labels)
+    assert set(summary["pruning.dense_ckpt"]) == {f"last.ckpt~{h}" for h in
+                                                  [summary["pruning.dense_ckpt"].iloc[0][-6:],
+                                                   summary["pruning.dense_ckpt"].iloc[1][-6:]]}
+    for i in range(3):  # the same setting twice with seed 0, once with seed 1
+        _variant_run(tmp_path / "dup" / str(i), [0, 0, 1][i], "/data/a", "/c", 20.0 + i)
+    with pytest.warns(UserWarning, match=r"2 runs share every setting and seed 0"):
+        runs, _ = load_runs([tmp_path / "dup"])
+    summary = summarize(runs)
+    assert sorted(summary["seeds"]) == ["0", "0,1"] and sorted(summary["n"]) == [1, 2]  # no row holds seed 0 twice
+    text = markdown(summary, pd.DataFrame(columns=["run", "status", "error", "overrides"]))
+    assert re.search(r"\|\s*copy\s*\|", text) and re.search(r"\|\s*seeds\s*\|", text)
+
+
+def test_dense_reference_lines_are_per_model_variant_and_kinds_are_the_models(tmp_path):
+    """Transformer-XL with mem_len 0 and 128 are two dense models: two reference values, never their blend; the kinds
+    column names the kinds the model has and were pruned (a causal LM: dec_self)."""
+    from ap.collect import _reference
+
+    for seed in (0, 1):
+        for mem, dense in ((0, 53.55), (128, 55.24)):
+            r = _variant_run(tmp_path / f"m{mem}s{seed}", seed, "/d", "", 30.0, mem_len=mem)
+            results = json.loads((r / "results.json").read_text())
+            results["dense_metrics"]["val/ppl"] = dense + seed
+            (r / "results.json").write_text(json.dumps(results))
+    runs, _ = load_runs([tmp_path])
+    assert _reference(runs, "dense/val/ppl") == {"model.mem_len=0": 53.55 + 0.5, "model.mem_len=128": 55.24 + 0.5}
+    assert set(runs["kinds"]) == {"dec_self"}
+    paths = plot_curves(runs, tmp_path / "curves")
+    assert paths  # the curve draws both reference lines (checked through _reference above)
