@@ -185,12 +185,10 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
                 label = ", ".join([str(setting["policy"])] + [f"{k}={setting[k]}" for k in varying])
                 line = line.sort_values("sparsity_mean")
                 x, color = 100 * line["sparsity_mean"], f"C{i % 10}"
-                ax.errorbar(x, line[f"{metric}_mean"], yerr=line[f"{metric}_std"].fillna(0), color=color, marker="o",
-                            capsize=3, label=f"{label} (fine-tuned)")
-                if f"pre/{metric}_mean" in line and line[f"pre/{metric}_mean"].notna().any():
-                    ax.errorbar(x, line[f"pre/{metric}_mean"], yerr=line[f"pre/{metric}_std"].fillna(0), color=color,
-                                marker="o", mfc="none", capsize=3, linestyle="--",
-                                label=f"{label} (before fine-tuning)")
+                free = setting.get("finetune") is False or str(setting.get("finetune")) == "False"
+                _points(ax, x, line, metric, color, f"{label} ({'training-free' if free else 'fine-tuned'})", "-")
+                if not free and f"pre/{metric}_mean" in line and line[f"pre/{metric}_mean"].notna().any():
+                    _points(ax, x, line, f"pre/{metric}", color, f"{label} (before fine-tuning)", "--")
             for prefix, name, style in (("dense/", "dense", "-"), ("dense_ft/", "dense+ft", ":")):
                 for j, (variant, value) in enumerate(_reference(here, prefix + metric).items()):
                     ax.axhline(value, color=f"{0.15 + 0.2 * (j % 4):.2f}", linestyle=style, linewidth=1,
@@ -203,14 +201,51 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
                 ax.axvline(100 * claim["sparsity"], color="C3", linestyle="-.", linewidth=1,
                            label=f"paper's claim: {100 * claim['sparsity']:g} % at maintained quality "
                                  f"({claim['source']})")
-            ax.set(xlabel="achieved sparsity (% of attention entries pruned)", ylabel=metric,
-                   title=f"{task_name}: {metric}")
+            values = pd.concat([points[c] for c in (f"{metric}_mean", f"pre/{metric}_mean") if c in points]).dropna()
+            if _lower_is_better(metric) and len(values) and values.min() > 0 \
+                    and values.max() / values.min() > 10:
+                ax.set_yscale("log")  # (perplexities from 20 to 2,000: AP and the baselines stay apart)
+            ax.set(xlabel=_x_label(here), ylabel=f"{metric} ({'lower' if _lower_is_better(metric) else 'higher'} "
+                                                 f"is better)", title=_title(task_name, metric, here, points))
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
             path = out_dir / f"curve_{_safe(task_name)}_{_safe(metric)}.png"
             fig.savefig(path, dpi=120)
             paths.append(path)
     return paths
+
+
+def _points(ax: Any, x: pd.Series, line: pd.DataFrame, column: str, color: str, label: str, style: str) -> None:
+    """Mean over seeds; error bars (± std) only where a point has more than one seed."""
+    y, std = line[f"{column}_mean"], line[f"{column}_std"]
+    hollow = {"mfc": "none"} if style == "--" else {}
+    if std.notna().any():
+        ax.errorbar(x, y, yerr=std.fillna(0), color=color, marker="o", capsize=3, linestyle=style, label=label,
+                    **hollow)
+    else:
+        ax.plot(x, y, color=color, marker="o", linestyle=style, label=label, **hollow)
+
+
+def _lower_is_better(metric: str) -> bool:
+    return metric.split("/")[-1] in LOWER_IS_BETTER
+
+
+def _x_label(runs: pd.DataFrame) -> str:
+    """The x-axis: overall achieved sparsity; said so where runs prune only some attention kinds."""
+    kinds = runs["kinds"].dropna().astype(str) if "kinds" in runs else pd.Series(dtype=str)
+    if kinds.nunique() > 1:
+        return "overall achieved sparsity (% of all valid attention entries pruned, every kind counted)"
+    return "achieved sparsity (% of valid attention entries pruned)"
+
+
+def _title(task_name: str, metric: str, runs: pd.DataFrame, points: pd.DataFrame) -> str:
+    """Task, model(s), experiment and how many seeds stand behind the points."""
+    what = [str(task_name), *sorted(runs["model"].dropna().astype(str).unique())]
+    if "experiment" in runs and runs["experiment"].notna().any():
+        what += sorted(runs["experiment"].dropna().astype(str).unique())
+    n = sorted(set(points["n"].astype(int)))
+    seeds = f"{n[0]} seed{'s' if n[0] > 1 else ''}" if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
+    return f"{' · '.join(what)}\n{metric}, {seeds} per point"
 
 
 def write_report(folders: Sequence[Path | str], out_dir: Optional[Path | str] = None,

@@ -61,3 +61,14 @@ def test_reference_files_are_used_raw_and_hypotheses_detokenized(tmp_path):
     hparams.reference_files = None  # the data's references, detokenized like the hypotheses: a perfect match
     assert TranslationTask.bleu(task, 2, "test") == pytest.approx(100.0)
     assert task.bleu_info["test"]["references"] == "data"
+
+
+def test_the_documented_reference_file_override_composes():
+    """README and paper_wmt14_en_de.yaml tell users `task.module.reference_files.test=<file>`: it composes (the key
+    exists with null = the data's references) and reaches the task's hyperparameters."""
+    from conftest import compose_cfg
+
+    for preset in ([], ["experiment=paper_wmt14_en_de"]):
+        cfg = compose_cfg(["task=wmt", *preset, "task.module.reference_files.test=/data/newstest2014.de"])
+        assert cfg.task.module.reference_files.test == "/data/newstest2014.de"
+        assert cfg.task.module.reference_files.valid is None

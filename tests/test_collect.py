@@ -359,3 +359,36 @@ def test_dense_reference_lines_are_per_model_variant_and_kinds_are_the_models(tm
     assert set(runs["kinds"]) == {"dec_self"}
     paths = plot_curves(runs, tmp_path / "curves")
     assert paths  # the curve draws both reference lines (checked through _reference above)
+
+
+def test_curves_say_what_they_show(tmp_path, monkeypatch):
+    """Training-free points are labelled so, a perplexity spanning 20 to 2,000 gets a log axis, the y-label says the
+    direction, the title names the model and the seeds per point, single-seed points carry no error bars, and runs
+    pruning different kinds say that x is the overall sparsity."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    for i, (label, ppl) in enumerate((("ap50", 20.0), ("ap90", 2300.0))):
+        r = lm_results(label, 0)
+        r["finetune"] = False
+        r["config"]["pruning"]["finetune"] = False
+        r["metrics"]["val/ppl"] = ppl
+        write_run(tmp_path / "free" / str(i), r)
+    runs, _ = load_runs([tmp_path / "free"])
+    plot_curves(runs, tmp_path / "curves")
+    ax = next(f.axes[0] for f in figures if f.axes[0].get_ylabel().startswith("val/ppl"))
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "ap (training-free)" in legend and not any("fine-tun" in t for t in legend)
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "val/ppl (lower is better)"
+    assert "transformer_lm_L4_d128" in ax.get_title() and "1 seed per point" in ax.get_title()
+    assert not ax.containers  # no error bars on single-seed points
+    assert ax.get_xlabel().startswith("achieved sparsity")
+    figures.clear()
+    for i, kinds in enumerate((["enc_self"], ["cross"])):  # per-kind MT runs
+        r = lm_results("ap50", 0)
+        r["config"]["pruning"]["kinds"] = kinds
+        r["sparsity_per_kind"] = {"enc_self": 0.5, "dec_self": 0.0, "cross": 0.5}
+        write_run(tmp_path / "kinds" / str(i), r)
+    plot_curves(load_runs([tmp_path / "kinds"])[0], tmp_path / "curves2")
+    assert all(f.axes[0].get_xlabel().startswith("overall achieved sparsity") for f in figures)
