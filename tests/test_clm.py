@@ -147,8 +147,8 @@ def test_tiled_masks_of_a_clm_run_drive_the_prefill_benchmark(tiny_data, tiny_ll
 
 def test_evaluation_clocks_wait_for_cuda_kernels(monkeypatch):
     """CUDA runs kernels asynchronously: the tokens/s clock is read after torch.cuda.synchronize, before and after the
-    forward (without it the GPU battery's first run timed kernel launches). No CUDA needed: the module's device is
-    set and the calls are recorded in order."""
+    forward (without it the GPU battery's first run timed kernel launches); each batch shape's first forward runs
+    untimed before. No CUDA needed: the module's device is set and the calls are recorded in order."""
     from types import SimpleNamespace
 
     import pytorch_lightning as pl
@@ -157,14 +157,40 @@ def test_evaluation_clocks_wait_for_cuda_kernels(monkeypatch):
 
     events = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
-    monkeypatch.setattr(clm.time, "perf_counter", lambda: events.append("clock") or float(len(events)))
+    monkeypatch.setattr(clm, "clock", lambda: events.append("clock") or float(len(events)))
     task = clm.CausalLMTask.__new__(clm.CausalLMTask)
     pl.LightningModule.__init__(task)
     task.model = lambda **kw: events.append("forward") or SimpleNamespace(loss=torch.tensor(2.0))
-    task._eval_sums, task._eval_tokens = torch.zeros(3, dtype=torch.float64), 0
+    task._eval_epoch_start()
     task._eval_step(torch.zeros(1, 8, dtype=torch.long))
-    assert events == ["clock", "forward", "clock"]  # CPU: nothing to wait for
+    assert events == ["forward", "clock", "forward", "clock"]  # CPU: nothing to wait for; the warm-up first
     events.clear()
     task._device = torch.device("cuda", 0)
     task._eval_step(torch.zeros(1, 8, dtype=torch.long))
-    assert events == ["sync", "clock", "forward", "sync", "clock"]
+    assert events == ["sync", "clock", "forward", "sync", "clock"]  # a shape seen: no warm-up
+
+
+def test_throughput_excludes_plan_builds_and_a_reused_dense_figure_is_retimed(tiny_data, tiny_llama, tmp_path,
+                                                                              monkeypatch):
+    """tokens/s of a masked evaluation on the block backend: every block plan is built outside the timed forwards
+    (counted, no wall-clock assert). A dense evaluation reused from the stage cache (another process) is timed again
+    in this run, so dense and pruned throughput come from one process."""
+    import ap.core.sites as sites
+    import ap.tasks.clm as clm
+
+    events = []
+    build = sites.block_plan
+    monkeypatch.setattr(sites, "block_plan", lambda *a, **k: events.append("plan") or build(*a, **k))
+    monkeypatch.setattr(clm, "clock", lambda: events.append("clock") or 0.0)
+    run(clm_cfg(tiny_data, tiny_llama, tmp_path / "none", "pruning=none", "model.backend=block"))
+    events.clear()
+    res = run(clm_cfg(tiny_data, tiny_llama, tmp_path / "ap", "pruning=ap50", "pruning.finetune=false",
+                      "model.backend=block"))
+    assert events.count("plan") > 0
+    clocks = [i for i, e in enumerate(events) if e == "clock"]  # (start, end) of each timed forward
+    assert clocks and len(clocks) % 2 == 0
+    timed = [events[a + 1:b] for a, b in zip(clocks[::2], clocks[1::2])]
+    assert timed and all("plan" not in region for region in timed), "a plan was built inside a timed forward"
+    assert res["stages"]["dense"]["status"] == "reused" and res["stages"]["dense"]["throughput"] == "re-timed in this run"
+
+
