@@ -163,3 +163,25 @@ def test_the_pipeline_prunes_transformer_xl_and_evaluates_with_memory(tiny_data,
     assert json.loads((tmp_path / "ap/results.json").read_text())["metrics"]["test/ppl"] > 1
     no_mem = run(tiny_cfg("pruning=none", "model.eval_memory=false", out=tmp_path / "nomem"))
     assert no_mem["metrics"]["test/ppl"] != pytest.approx(results["dense_metrics"]["test/ppl"], rel=1e-4)
+
+
+def test_sinks_are_refused_on_memory_keys():
+    """keep_sinks and sink_window keep each row's first key slots; with memory those are the oldest memory slots
+    (empty at a stream's start), not the stream's first tokens: refused, in the config check (before any training)
+    and when masks are built; without memory (mem_len=0) they work."""
+    from ap.config import check
+    from ap.core import APError
+
+    stats = {}
+    for mem in (CFG.mem_len, 0):
+        model = TransformerXL(dataclasses.replace(CFG, mem_len=mem)).eval()
+        stats[mem] = AttentionStats()
+        calibrate(model, range(2), lambda s: model(torch.randint(0, 50, (2, CFG.tgt_len))), stats=stats[mem])
+    for kw in ({"keep_sinks": 2}, {"policy": "sink_window"}):
+        with pytest.raises(APError, match="memory"):
+            build_masks(stats[CFG.mem_len], 0.5, **kw)
+        assert build_masks(stats[0], 0.5, **kw)  # no memory: the first keys are the sequence's first tokens
+    for override in ("pruning.keep_sinks=4", "pruning=sink_window50"):
+        with pytest.raises(APError, match="model.mem_len=0"):
+            check(compose_cfg(["model=transformer_xl", override]))
+        check(compose_cfg(["model=transformer_xl", "model.mem_len=0", override]))

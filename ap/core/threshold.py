@@ -242,6 +242,14 @@ def build_masks(
     if keep_sinks < 0:
         raise APError(f"keep_sinks must be >= 0 (the first keys every query keeps), got {keep_sinks}")
     n_keys = max(sinks, keep_sinks) if policy == "sink_window" else keep_sinks
+    memory = [n for n in names if shift[n] > 0]  # keys = memory slots, then the segment (Transformer-XL)
+    if n_keys and memory:
+        # a key slot of a fixed mask is no fixed token there: slots 0..N-1 are the oldest memory slots (empty at a
+        # stream's start), never the stream's first tokens, so "sinks" have no meaning on these sites
+        what = "pruning=sink_window" if policy == "sink_window" else f"pruning.keep_sinks={keep_sinks}"
+        raise APError(f"{what} keeps each row's first keys, but site {memory[0]!r} has memory keys (its first "
+                      f"{shift[memory[0]]} key slots are memory, oldest first, not the stream's first tokens): use "
+                      f"pruning.keep_sinks=0 and another policy, or model.mem_len=0")
     if n_keys:  # the sink keys (tiles holding one) are always kept
         n_sink = -(-n_keys // block_size) if block_size else n_keys
         for n in names:
