@@ -6,8 +6,10 @@ job (a plain ``-m`` sweep, parallel joblib workers, SLURM array tasks, DDP ranks
 
 - **Keys** are built by leaving out what cannot change the product (``dense_payload``): a forgotten key costs a miss,
   never a wrong hit. Data paths are replaced by a fingerprint of the files below them; versions of ap and torch are in.
-- **Atomic entries**: an entry is built in ``<stage>/.tmp/<key>-<host>-<pid>-<random>``, gets ``entry.json`` (the payload it hashes and the
-  sha256 of every file), and is renamed into place. A job killed while building leaves no entry; its folder is
+  The dense weights' key leaves out what only evaluation reads (``EVAL_ONLY``); evaluation results are products of
+  their own, keyed on the weights plus those settings, and calibration adds the ones it reads (``CALIBRATION_READS``).
+- **Atomic entries**: an entry is built in ``<stage>/.tmp/<key>-<host>-<pid>-<random>``, gets ``entry.json`` (the
+  payload it hashes and the sha256 of every file), and is renamed into place. A job killed while building leaves no entry; its folder is
   cleared by the next builder only when that builder runs on the same host and the owner's process is gone (a lock
   that does not span nodes must not let one node delete another's live build).
 - **One builder**: jobs that miss the same entry wait on a ``filelock.FileLock`` (``<stage>/.locks/<key>.lock``);
@@ -44,6 +46,16 @@ MARKER = "entry.json"
 NOT_PRODUCT = ("pruning", "logger", "paths", "hydra", "ckpt_path", "dense_finetune_baseline", "cache",
                "optimized_metric")
 TRAINER_DISPLAY = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir")
+# Settings only evaluation reads (dotted paths): out of the dense weights' key, in the key of every product that holds
+# evaluation results (the dense model's metrics, the dense+ft baseline's). trainer.limit_val_batches leaves only
+# whether training validates at all (a validation loop draws from torch's RNG, which dropout then uses).
+EVAL_ONLY = ("task.module.bleu", "task.module.beam", "task.module.lenpen", "task.module.max_len_a",
+             "task.module.max_len_b", "task.module.detokenize", "task.module.reference_files", "data.eval_batch_size",
+             "data.eval_max_tokens", "data.num_workers", "task.data.eval_batch_size", "task.data.max_eval_sequences",
+             "task.data.num_workers", "trainer.limit_val_batches", "trainer.limit_test_batches", "model.eval_streams",
+             "model.eval_memory")
+# ... of which calibration reads these (the size of its batches): in the calibration key
+CALIBRATION_READS = ("data.eval_batch_size", "data.eval_max_tokens", "task.data.eval_batch_size", "model.eval_streams")
 WAIT_S = float(os.environ.get("AP_CACHE_WAIT_S", 24 * 3600))  # how long a DDP rank waits for rank zero's entry
 
 
@@ -101,11 +113,39 @@ def key_of(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def dense_payload(config: dict[str, Any], versions: dict[str, str]) -> dict[str, Any]:
-    """What determines the dense model: the resolved config minus ``NOT_PRODUCT``, ``task.finetune`` and display-only
-    trainer keys, with the local paths of ``data`` and ``model`` (data folders, checkpoint folders) replaced by
-    fingerprints of their files (the location is not the content), plus ``versions``."""
+def split_eval(config: dict[str, Any], extra: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``config`` without the ``EVAL_ONLY`` (and ``extra``) settings, and those settings by dotted path."""
+    config = json.loads(json.dumps(config, default=str))  # a deep copy
+    settings = {}
+    for dotted in (*EVAL_ONLY, *extra):
+        *parents, leaf = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            settings[dotted] = node.pop(leaf)
+    return config, settings
+
+
+def file_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with existing local files and folders (e.g. reference files) replaced by their fingerprints."""
+    def content(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: content(x) for k, x in v.items()}
+        return {"files": fingerprint(Path(v))} if isinstance(v, str) and v and Path(v).exists() else v
+    return {k: content(v) for k, v in settings.items()}
+
+
+def dense_payload(config: dict[str, Any], versions: dict[str, str], eval_only: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What determines the dense weights: the resolved config minus ``NOT_PRODUCT``, ``task.finetune``, display-only
+    trainer keys and the settings only evaluation reads (``EVAL_ONLY`` and ``eval_only``; of
+    ``trainer.limit_val_batches`` only whether training validates), with the local paths of ``data`` and ``model``
+    (data folders, checkpoint folders) replaced by fingerprints of their files (the location is not the content),
+    plus ``versions``."""
+    config, settings = split_eval(config, eval_only)
     payload = {k: v for k, v in config.items() if k not in NOT_PRODUCT}
+    if "trainer" in payload:
+        payload["trainer"]["validates"] = settings.get("trainer.limit_val_batches") not in (0, 0.0)
     payload["task"] = {k: v for k, v in payload.get("task", {}).items() if k not in ("finetune", "optimized_metric")}
     payload["trainer"] = {k: v for k, v in payload.get("trainer", {}).items() if k not in TRAINER_DISPLAY}
     for group in ("data", "model"):

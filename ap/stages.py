@@ -25,6 +25,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,7 +39,8 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
 import ap
-from ap.cache import Entry, StageCache, dense_payload, fingerprint, key_of
+from ap.cache import (CALIBRATION_READS, Entry, StageCache, dense_payload, file_settings, fingerprint, key_of,
+                      split_eval)
 from ap.callback import AttentionPruning
 from ap.config import PruningConfig, resolved
 from ap.core import APError, AttentionStats
@@ -187,9 +189,12 @@ def check_state_dict(state: dict[str, Any], module: pl.LightningModule, source: 
 
 
 # --- stage cache helpers ------------------------------------------------------------------------------------------
-def versions() -> dict[str, Any]:
-    """What else determines every product: ap's own source (any edit of ap/ is a miss), the versions of the libraries
-    that compute it, and the GPUs a ``devices=auto`` trainer would use."""
+NOT_COMPUTING = ("collect.py", "report.py")  # modules of ap that compute no stage product: out of the source hash
+
+
+def versions(cfg: Optional[DictConfig] = None) -> dict[str, Any]:
+    """What else determines every product: ap's own source (any edit of a module that computes products is a miss),
+    the versions of the libraries that compute it, and, for a trainer that may use GPUs, how many there are."""
     from importlib import metadata
 
     libs = {}
@@ -198,7 +203,10 @@ def versions() -> dict[str, Any]:
             libs[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    return {"ap": ap.__version__, "ap_source": _source_hash(), **libs, "cuda_devices": torch.cuda.device_count()}
+    out = {"ap": ap.__version__, "ap_source": _source_hash(), **libs}
+    if cfg is None or str(cfg.trainer.get("accelerator", "auto")) != "cpu":
+        out["cuda_devices"] = torch.cuda.device_count()
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -206,29 +214,76 @@ def _source_hash() -> str:
     h = hashlib.sha256()
     root = Path(ap.__file__).parent
     for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+        if path.relative_to(root).as_posix() not in NOT_COMPUTING:
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
-def dense_identity(cfg: DictConfig, pruning: PruningConfig) -> dict[str, Any]:
-    """The cache payload of the dense weights: the dense-relevant config (``ap.cache.dense_payload``), with the
-    fingerprint of ``pruning.dense_ckpt`` when weights are given."""
-    payload = dense_payload(resolved(cfg), versions())
+def model_source(name_or_path: str) -> dict[str, Any]:
+    """What a model name stands for: a ``pkg://`` model's package version, a hub model's cached revision (none
+    cached: a key that never repeats, so an unknown revision is a miss, never a wrong hit); local folders are
+    fingerprinted with the rest of the model config."""
+    from importlib import metadata
+
+    if name_or_path.startswith("pkg://"):
+        package = name_or_path.removeprefix("pkg://").split("/")[0]
+        dists = metadata.packages_distributions().get(package, [package])
+        try:
+            return {"package": package, "version": metadata.version(dists[0])}
+        except metadata.PackageNotFoundError:
+            return {"package": package, "version": None}
+    if Path(name_or_path).exists():
+        return {}
+    try:
+        from huggingface_hub import snapshot_download
+
+        return {"hub_revision": Path(snapshot_download(name_or_path, local_files_only=True)).name}
+    except Exception:  # noqa: BLE001 (not installed, not cached, not a hub name)
+        return {"hub_revision": f"unknown-{uuid.uuid4().hex}"}
+
+
+def dense_identity(cfg: DictConfig, pruning: PruningConfig, pretrained: bool = False) -> dict[str, Any]:
+    """The cache payload of the dense weights: the config that trains them (``ap.cache.dense_payload``; a pretrained
+    model is not trained, so its attention backend is an evaluation setting), with the fingerprint of
+    ``pruning.dense_ckpt`` when weights are given, what the model name stands for (``model_source``) and, for GLUE,
+    only the task's own folder of the data."""
+    payload = dense_payload(resolved(cfg), versions(cfg), eval_only=("model.backend",) if pretrained else ())
     if pruning.dense_ckpt:
         payload["dense_ckpt"] = fingerprint(Path(pruning.dense_ckpt))
+    if cfg.model.get("name_or_path"):
+        payload["model_source"] = model_source(str(cfg.model.name_or_path))
+    if cfg.task.type == "glue" and isinstance(payload["data"].get("dir"), dict):
+        from ap.data.glue import TASKS
+
+        folder = Path(cfg.data.dir) / TASKS[cfg.task.name].folder
+        payload["data"]["dir"] = {"files": fingerprint(folder) if folder.exists() else None}
     return payload
 
 
+def eval_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What evaluation reads beyond the weights: the ``EVAL_ONLY`` settings (files by content) and the backend."""
+    return file_settings(split_eval(resolved(cfg), ("model.backend",))[1])
+
+
+def dense_eval_payload(cfg: DictConfig, dense_key: str) -> dict[str, Any]:
+    """The dense model's metrics: its weights evaluated with this run's evaluation settings."""
+    return {"dense": dense_key, "eval": eval_settings(cfg), "versions": versions(cfg)}
+
+
 def dense_ft_payload(cfg: DictConfig, dense_key: str) -> dict[str, Any]:
-    """The dense+ft baseline: the dense weights fine-tuned with ``task.finetune`` (seed, trainer: in the dense key)."""
-    return {"dense": dense_key, "finetune": resolved(cfg.task.finetune), "versions": versions()}
+    """The dense+ft baseline's metrics: the dense weights fine-tuned with ``task.finetune`` (seed, trainer: in the
+    dense key; the backend: in the evaluation settings), evaluated with this run's evaluation settings."""
+    return {"dense": dense_key, "finetune": resolved(cfg.task.finetune), "eval": eval_settings(cfg),
+            "versions": versions(cfg)}
 
 
-def calibration_payload(pruning: PruningConfig, dense_key: str) -> dict[str, Any]:
-    """Calibration statistics: the dense weights, one (capped) epoch of the train split (data and trainer limits: in
-    the dense key). Sparsity, policy, scope, kinds and block size only threshold them: not in the key."""
-    return {"dense": dense_key, "calibration_batches": pruning.calibration_batches, "versions": versions(),
-            "tile": pruning.block_size if pruning.tiled else 0}
+def calibration_payload(cfg: DictConfig, pruning: PruningConfig, dense_key: str) -> dict[str, Any]:
+    """Calibration statistics: the dense weights, one (capped) epoch of the train split (data, order and trainer
+    limits: in the dense key) in batches of the evaluation batch size (``CALIBRATION_READS``). Sparsity, policy,
+    scope, kinds and block size only threshold them: not in the key; nor the backend (calibration runs eager)."""
+    reads = {k: v for k, v in split_eval(resolved(cfg))[1].items() if k in CALIBRATION_READS}
+    return {"dense": dense_key, "calibration_batches": pruning.calibration_batches, "reads": reads,
+            "versions": versions(cfg), "tile": pruning.block_size if pruning.tiled else 0}
 
 
 def _write_json(folder: Optional[Path], name: str, data: dict[str, Any]) -> None:
@@ -238,6 +293,16 @@ def _write_json(folder: Optional[Path], name: str, data: dict[str, Any]) -> None
 
 def _read_json(entry: Entry, name: str) -> dict[str, Any]:
     return json.loads((entry.path / name).read_text())
+
+
+def _metrics_entry(s: RunState, stage: str, payload: dict[str, Any], build: Callable[[Optional[Path]], None],
+                   into: str) -> tuple[Entry, dict[str, Any]]:
+    """Fetch (or build) a stage whose product is metrics (``metrics.json``) into ``results[into]``."""
+    entry = s.cache.fetch(stage, payload, build)
+    built = _read_json(entry, "metrics.json")
+    s.results[into] = built["metrics"]
+    _record(s, entry, built)
+    return entry, built
 
 
 def _record(s: RunState, entry: Entry, built: dict[str, Any]) -> None:
@@ -262,7 +327,8 @@ def dense(s: RunState) -> None:
         s.stages["dense"] = {"status": "resumed"}
         s.results["dense_metrics"] = evaluate(cfg, module, dm, "dense_eval")
         return
-    payload = dense_identity(cfg, pruning)
+    pretrained = bool(getattr(module, "pretrained", False))
+    payload = dense_identity(cfg, pruning, pretrained)
     s.dense_key = key_of(payload)
     if pruning.dense_ckpt:
         log.info(f"Loading dense weights from {pruning.dense_ckpt}")
@@ -272,44 +338,55 @@ def dense(s: RunState) -> None:
         s.timing["evaluate_dense_s"] = time.perf_counter() - t0
         s.stages["dense"] = {"status": "given", "key": s.dense_key, "entry": pruning.dense_ckpt}
         return
-    pretrained = bool(getattr(module, "pretrained", False))
 
-    def build(folder: Optional[Path]) -> None:
+    def build(folder: Optional[Path]) -> None:  # the weights (a pretrained model: nothing to train or store)
         timing = {}
         if pretrained:
-            log.info("Stage dense: not trained (the model was loaded trained), evaluated")
+            log.info("Stage dense: not trained (the model was loaded trained)")
         else:
             log.info("Stage dense: training")
             t0 = time.perf_counter()
             module.lr = cfg.task.dense.lr
             make_trainer(cfg, "dense", kind="dense").fit(module, dm)
             timing["dense_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        metrics = evaluate(cfg, module, dm, "dense_eval")
-        timing["evaluate_dense_s"] = time.perf_counter() - t0
         if folder is not None:
             if not pretrained:
                 torch.save(module.state_dict(), folder / "model.pt")
-            _write_json(folder, "metrics.json", {"metrics": metrics, "timing": timing, "pretrained": pretrained})
+            _write_json(folder, "weights.json", {"timing": timing, "pretrained": pretrained})
         s.timing.update(timing)
 
     entry = s.cache.fetch("dense", payload, build)
-    built = _read_json(entry, "metrics.json")
+    built = _read_json(entry, "weights.json")
     if not built.get("pretrained"):  # every job loads the weights from the entry, builder or not
         state = load_user_file(entry.path / "model.pt", "stage cache entry", "dense weights (model.pt)")
         check_state_dict(state, module, f"stage cache entry {entry.path}")
         module.load_state_dict(state)
-    s.results["dense_metrics"] = built["metrics"]
     _record(s, entry, built)
     if pretrained and not entry.reused:
         s.stages["dense"]["status"] = "pretrained"
+    dense_evaluation(s)
+
+
+def dense_evaluation(s: RunState) -> None:
+    """The dense weights' metrics, a product of their own: keyed on the weights and the evaluation settings, so a
+    change of evaluation alone (beam, BLEU mode, batch sizes, limits, backend) reuses the weights."""
+    cfg, module, dm = s.cfg, s.module, s.dm
+
+    def build(folder: Optional[Path]) -> None:
+        t0 = time.perf_counter()
+        metrics = evaluate(cfg, module, dm, "dense_eval")
+        timing = {"evaluate_dense_s": time.perf_counter() - t0}
+        _write_json(folder, "metrics.json", {"metrics": metrics, "timing": timing})
+        s.timing.update(timing)
+
+    entry, built = _metrics_entry(s, "dense_eval", dense_eval_payload(cfg, s.dense_key), build, "dense_metrics")
     if entry.reused and any(k.endswith(THROUGHPUT) for k in built["metrics"]):
         # a throughput measured by another process (under other load) is no baseline for this run's: time it here
         t0 = time.perf_counter()
         again = evaluate(cfg, module, dm, "dense_eval")
         s.timing["evaluate_dense_s"] = time.perf_counter() - t0
         s.results["dense_metrics"].update({k: v for k, v in again.items() if k.endswith(THROUGHPUT)})
-        s.stages["dense"]["throughput"] = "re-timed in this run"
+        s.stages["dense_eval"]["throughput"] = "re-timed in this run"
 
 
 def dense_finetune_baseline(s: RunState) -> None:
@@ -344,16 +421,13 @@ def dense_finetune_baseline(s: RunState) -> None:
         _write_json(folder, "metrics.json", {"metrics": metrics, "timing": timing})
         s.timing.update(timing)
 
-    entry = s.cache.fetch("dense_ft", dense_ft_payload(cfg, s.dense_key), build)
-    built = _read_json(entry, "metrics.json")
-    s.results["dense_finetuned_metrics"] = built["metrics"]
-    _record(s, entry, built)
+    _metrics_entry(s, "dense_ft", dense_ft_payload(cfg, s.dense_key), build, "dense_finetuned_metrics")
 
 
 def calibration_provider(s: RunState) -> Callable[[Callable[[], AttentionStats]], AttentionStats]:
     """What the callback calls instead of calibrating itself: the statistics from the stage cache, computed by
     ``compute()`` (one epoch over the train split, all ranks) when missing."""
-    payload = calibration_payload(s.pruning, s.dense_key)
+    payload = calibration_payload(s.cfg, s.pruning, s.dense_key)
 
     def provide(compute: Callable[[], AttentionStats]) -> AttentionStats:
         def build(folder: Optional[Path]) -> None:

@@ -24,7 +24,7 @@ def keys(cfg) -> tuple[str, str, str]:
     """(dense, dense+ft, calibration) keys of a composed config."""
     pruning = pruning_config(cfg)
     dense = key_of(dense_identity(cfg, pruning))
-    return dense, key_of(dense_ft_payload(cfg, dense)), key_of(calibration_payload(pruning, dense))
+    return dense, key_of(dense_ft_payload(cfg, dense)), key_of(calibration_payload(cfg, pruning, dense))
 
 
 @pytest.mark.parametrize("override", ["model.d_model=48", "task.dense.max_steps=31", "seed=1", "data.block_len=16",
@@ -175,11 +175,11 @@ def test_disabled_cache_builds_into_the_run_directory(tmp_path):
 # --- the pipeline -----------------------------------------------------------------------------------------------
 def test_reused_stages_give_the_same_results_as_computed_ones(tiny_cfg, tmp_path, stage_cache):
     computed = run(tiny_cfg("pruning=ap70", out=tmp_path / "a"))
-    assert {k: v["status"] for k, v in computed["stages"].items()} == {"dense": "ran", "dense_ft": "ran",
-                                                                        "calibrate": "ran"}
+    assert {k: v["status"] for k, v in computed["stages"].items()} == {"dense": "ran", "dense_eval": "ran",
+                                                                        "dense_ft": "ran", "calibrate": "ran"}
     reused = run(tiny_cfg("pruning=ap70", out=tmp_path / "b"))
-    assert {k: v["status"] for k, v in reused["stages"].items()} == {"dense": "reused", "dense_ft": "reused",
-                                                                      "calibrate": "reused"}
+    assert {k: v["status"] for k, v in reused["stages"].items()} == {"dense": "reused", "dense_eval": "reused",
+                                                                      "dense_ft": "reused", "calibrate": "reused"}
     assert {k: v["key"] for k, v in reused["stages"].items()} == {k: v["key"] for k, v in computed["stages"].items()}
     uncached = run(tiny_cfg("pruning=ap70", "cache.enabled=false", out=tmp_path / "c"))
     for key in ("dense_metrics", "dense_finetuned_metrics", "pruned_before_finetune_metrics", "metrics"):
@@ -190,9 +190,25 @@ def test_reused_stages_give_the_same_results_as_computed_ones(tiny_cfg, tmp_path
 
     other = run(tiny_cfg("pruning=random50", "task.finetune.lr=0.002", out=tmp_path / "d"))
     status = {k: v["status"] for k, v in other["stages"].items()}
-    assert status == {"dense": "reused", "dense_ft": "ran", "calibrate": "reused"}
+    assert status == {"dense": "reused", "dense_eval": "reused", "dense_ft": "ran", "calibrate": "reused"}
     assert other["dense_metrics"] == computed["dense_metrics"]
     assert len(list((stage_cache / "stages/dense").glob("[0-9a-f]*"))) == 1
+
+
+@pytest.mark.parametrize("override,calibration", [
+    (["trainer.limit_test_batches=1", "trainer.limit_val_batches=2"], "reused"),
+    (["data.eval_batch_size=8"], "ran")])  # (calibration reads the evaluation batch size)
+def test_evaluation_settings_reuse_the_dense_weights_and_results_equal_a_cold_run(tiny_cfg, tmp_path, override,
+                                                                                  calibration):
+    """A change that only evaluation reads reuses the dense weights (no retraining) and, unless calibration reads
+    it, the calibration; the dense and dense+ft metrics are evaluated again; every result is bitwise a cold run's."""
+    run(tiny_cfg("pruning=ap70", out=tmp_path / "a"))
+    warm = run(tiny_cfg("pruning=ap70", *override, out=tmp_path / "b"))
+    status = {k: v["status"] for k, v in warm["stages"].items()}
+    assert status == {"dense": "reused", "dense_eval": "ran", "dense_ft": "ran", "calibrate": calibration}
+    cold = run(tiny_cfg("pruning=ap70", *override, "cache.enabled=false", out=tmp_path / "c"))
+    for key in ("dense_metrics", "dense_finetuned_metrics", "pruned_before_finetune_metrics", "metrics"):
+        assert warm[key] == cold[key], key  # bitwise
 
 
 def test_given_files_skip_the_cache_for_what_they_replace(tiny_cfg, tmp_path):
@@ -277,3 +293,72 @@ def test_lanes_of_killed_builders_are_cleared_and_a_foreign_folder_is_an_error(t
     with pytest.raises(APError, match=f"{foreign} exists without entry.json"):
         cache.fetch("dense", {"a": 2}, counting_build(log))
     assert builds(log) == 1
+
+
+# --- what the keys hold -------------------------------------------------------------------------------------------
+def all_keys(cfg, pretrained: bool = False) -> dict[str, str]:
+    from ap.stages import dense_eval_payload
+
+    pruning = pruning_config(cfg)
+    dense = key_of(dense_identity(cfg, pruning, pretrained))
+    return {"dense": dense, "dense_eval": key_of(dense_eval_payload(cfg, dense)),
+            "dense_ft": key_of(dense_ft_payload(cfg, dense)), "calibrate": key_of(calibration_payload(cfg, pruning,
+                                                                                                     dense))}
+
+
+@pytest.mark.parametrize("task,override", [
+    ("lm", "trainer.limit_val_batches=3"), ("lm", "trainer.limit_test_batches=3"), ("lm", "data.num_workers=1"),
+    ("lm", "data.eval_batch_size=8"), ("txl", "model.eval_streams=3"), ("txl", "model.eval_memory=false"),
+    ("wmt", "task.module.bleu=tokenized"), ("wmt", "task.module.beam=2"), ("wmt", "task.module.lenpen=0.6"),
+    ("wmt", "data.eval_max_tokens=1000"), ("wmt", "task.module.reference_files.test=/refs/test.en"),
+    ("clm", "task.data.max_eval_sequences=3"), ("clm", "model.backend=block"), ("clm", "task.data.eval_batch_size=2")])
+def test_evaluation_settings_stay_out_of_the_weights_key(tiny_cfg, task, override):
+    """Evaluation-only settings change the keys of what holds evaluation results (dense_eval, dense_ft), never the
+    dense weights'; calibration's only where it reads them (its batch size)."""
+    from ap.cache import CALIBRATION_READS
+
+    from conftest import compose_cfg
+
+    base = {"lm": [], "txl": ["model=transformer_xl"], "wmt": ["task=wmt"], "clm": ["task=clm"]}[task]
+    make = tiny_cfg if task == "lm" else (lambda *o: compose_cfg([*o, "paths.output_dir=/run"]))
+    pretrained = task == "clm"
+    a, b = all_keys(make(*base), pretrained), all_keys(make(*base, override), pretrained)
+    assert a["dense"] == b["dense"] and a["dense_eval"] != b["dense_eval"] and a["dense_ft"] != b["dense_ft"]
+    reads = override.split("=")[0] in CALIBRATION_READS
+    assert (a["calibrate"] != b["calibrate"]) == reads
+
+
+def test_what_can_change_a_product_stays_in_the_keys(tiny_cfg, tmp_path):
+    """Whether training validates (its loop draws from the RNG) and a trained model's backend (numerics) stay in
+    the weights key; GPUs count only for trainers that may use them; reference files count by content; a pkg://
+    model by its package version; a hub name without a known revision is never a hit; GLUE keys read only the task's
+    own folder."""
+    from conftest import compose_cfg
+
+    from ap.stages import model_source, versions
+
+    base = all_keys(tiny_cfg())
+    assert all_keys(tiny_cfg("trainer.limit_val_batches=0"))["dense"] != base["dense"]
+    assert all_keys(tiny_cfg("model.backend=eager"))["dense"] != base["dense"]
+    assert "cuda_devices" not in versions(tiny_cfg()) and "cuda_devices" in versions(tiny_cfg("trainer=gpu"))
+    refs = tmp_path / "test.en"
+    refs.write_text("a\n")
+    one = all_keys(compose_cfg(["task=wmt", f"task.module.reference_files.test={refs}", "paths.output_dir=/run"]))
+    refs.write_text("b b\n")
+    two = all_keys(compose_cfg(["task=wmt", f"task.module.reference_files.test={refs}", "paths.output_dir=/run"]))
+    assert two["dense_eval"] != one["dense_eval"]
+    from importlib import metadata
+
+    assert model_source("pkg://omegaconf/x") == {"package": "omegaconf", "version": metadata.version("omegaconf")}
+    assert model_source("nobody/no-such-model") != model_source("nobody/no-such-model")
+    glue = tmp_path / "glue"
+    for task in ("SST-2", "CoLA"):
+        (glue / task).mkdir(parents=True)
+        (glue / task / "train.tsv").write_text("sentence\tlabel\nx\t1\n")
+    (tmp_path / "bert").mkdir()
+    cfg = ["task=glue", f"data.dir={glue}", f"model.name_or_path={tmp_path / 'bert'}", "paths.output_dir=/run"]
+    sst2 = all_keys(compose_cfg(cfg))["dense"]
+    (glue / "CoLA" / "train.tsv").write_text("sentence\tlabel\nother\t0\n")
+    assert all_keys(compose_cfg(cfg))["dense"] == sst2  # a sibling task's files
+    (glue / "SST-2" / "train.tsv").write_text("sentence\tlabel\nother\t0\n")
+    assert all_keys(compose_cfg(cfg))["dense"] != sst2
