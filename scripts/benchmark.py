@@ -5,6 +5,7 @@
     python scripts/benchmark.py --lengths 2048 4096 --sparsity 0.9 --device cuda --backward
     python scripts/benchmark.py --lengths --masks outputs/lm_sample/ap90/<run>/masks.pt   # an LM run's own masks, whole model
     python scripts/benchmark.py --lengths --model data/smollm2 --sparsity 0.9 --model-lengths 2048 4096   # HF prefill
+    python scripts/benchmark.py --model data/smollm2 --calibration --model-lengths 4096   # calibration vs evaluation
 
 Masks are causal tile masks (``--tile`` = the flex tile): the diagonal tiles are kept, a random ``sparsity`` share of
 the other valid tiles is emptied (``--masks``: a run's masks instead, for the whole-LM rows). Attention inputs are
@@ -52,10 +53,10 @@ def tile_mask(length: int, heads: int, sparsity: float, tile: int, seed: int = 0
     return full & torch.ones(length, length, dtype=torch.bool).tril(), float(keep.sum()) / (heads * int(valid.sum()))
 
 
-def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
-    """Median seconds of ``fn()`` after two warm-up calls."""
+def timed(fn: Callable[[], object], repeats: int, device: str, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` after ``warmup`` calls."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
+    for _ in range(warmup):
         fn()
     sync()
     times = []
@@ -306,6 +307,46 @@ def hf_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def calibration_rows(args: argparse.Namespace) -> list[dict]:
+    """Calibration of a whole HF causal LM (``--model``) on one sequence at ``--model-lengths`` with statistics per
+    ``--tile`` tile, eager (the (H, L, L) probabilities of every site) and chunked (the fused kernel's output, the
+    probabilities a chunk of rows at a time), against a dense evaluation of the same sequence (loss over every token,
+    the model's attention through AP sites on SDPA); ratio = calibration time / evaluation time."""
+    from transformers import AutoModelForCausalLM
+
+    from ap.core.calibrate import recording
+    from ap.core.stats import AttentionStats
+    from ap.models.hf import attach_sites
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    rows = []
+    for length in args.model_lengths:
+        attach_sites(model, length, backend="sdpa")
+        x = torch.randint(0, model.config.vocab_size, (1, length), device=args.device)
+
+        def evaluate() -> None:
+            model(input_ids=x, labels=x, use_cache=False)
+
+        def calibrate(chunked: bool) -> Callable[[], None]:
+            def run() -> None:
+                with recording(model, AttentionStats(tile=args.tile)):
+                    if not chunked:
+                        next(m for m in model.modules() if getattr(m, "recorder", None)).recorder.chunk_tile = 0
+                    model(input_ids=x, use_cache=False)
+            return run
+
+        what = f"{Path(args.model).name} calibration"
+        with torch.no_grad():
+            dense = timed(evaluate, args.repeats, args.device, warmup=1)
+            rows.append({"what": what, "length": length, "sparsity": 0.0, "backend": "evaluation (dense)",
+                         "seconds": dense, "ratio": 1.0, "ideal": 1.0, "mb": float("nan")})
+            for name, chunked in (("eager tiled", False), ("chunked tiled", True)):
+                s = timed(calibrate(chunked), args.repeats, args.device, warmup=1)
+                rows.append({"what": what, "length": length, "sparsity": 0.0, "backend": name, "seconds": s,
+                             "ratio": s / dense, "ideal": 1.0, "mb": float("nan")})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048], help="attention rows (none: LM only)")
@@ -324,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=str, default=None,
                         help="an HF causal LM folder: whole-model prefill rows instead of the LM rows (task=clm)")
     parser.add_argument("--model-lengths", type=int, nargs="+", default=[2048, 4096], help="prefill lengths (--model)")
+    parser.add_argument("--calibration", action="store_true",
+                        help="with --model: calibration (eager and chunked, per --tile tile) against a dense "
+                             "evaluation; ratio = calibration time / evaluation time")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights and activations of --model (bfloat16 on GPUs)")
@@ -338,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--masks: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model:
+    if args.model and args.calibration:
+        rows = calibration_rows(args)
+    elif args.model:
         rows = attention_rows(args) + hf_rows(args)
     else:
         rows = attention_rows(args) + (lm_rows(args) if args.lm_length or args.masks is not None else [])
@@ -354,12 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out / "benchmark.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader(), writer.writerows(rows)
-    plot(rows, args.out / "benchmark.png")
-    print(f"wrote {args.out / 'benchmark.csv'} and {args.out / 'benchmark.png'}")
+    drawn = plot(rows, args.out / "benchmark.png")
+    print(f"wrote {args.out / 'benchmark.csv'}" + (f" and {args.out / 'benchmark.png'}" if drawn else ""))
     return 0
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,6 +416,9 @@ def plot(rows: list[dict], path: Path) -> None:
         pts = sorted((r["length"], r["ratio"]) for r in rows
                      if (r["what"], r["backend"], r["sparsity"]) == (what, backend, sparsity))
         ax.plot(*zip(*pts), marker="o", label=f"{what}, {backend}, {sparsity:.0%}")
+    if not ax.lines:  # (calibration rows: no sparsity to draw)
+        plt.close(fig)
+        return False
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2), ax.set_yscale("log", base=2)
     ax.set_xlabel("sequence length"), ax.set_ylabel("speed-up vs dense causal SDPA")
@@ -377,6 +426,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

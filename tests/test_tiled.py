@@ -205,3 +205,42 @@ def test_a_tiled_run_prunes_the_tiles_an_element_wise_run_prunes(tiny_cfg, tmp_p
     assert tiled["stages"]["dense"]["status"] == "reused"  # the calibration key differs, the dense key does not
     for key in ("val/ppl", "test/ppl"):
         assert tiled["metrics"][key] == pytest.approx(elem["metrics"][key], rel=1e-4)
+
+
+@pytest.mark.parametrize("case", ["causal", "memory", "window", "padded causal", "padded enc_self", "cross"])
+def test_chunked_calibration_gives_the_eager_tiled_statistics(case, monkeypatch):
+    """Tiled calibration hands the statistics probabilities a chunk of query rows at a time (the output from the
+    fused kernel, never the (B, H, Tq, Tk) probabilities): the statistics equal eager calibration's within 1e-6 and
+    the outputs SDPA's, for causal, memory (Transformer-XL), sliding-window, padded and cross sites."""
+    import ap.core.sites as sites_mod
+    from ap.core import AttentionSite
+    from ap.core.calibrate import recording
+
+    monkeypatch.setattr(sites_mod, "CHUNK_ELEMENTS", 2 * 3 * 40 * 8)  # several chunks of 8 rows
+    n_q, n_k = (24, 40) if case in ("memory", "cross") else (40, 40)
+    kind = {"padded enc_self": "enc_self", "cross": "cross"}.get(case, "dec_self")
+    window = 9 if case == "window" else None
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (n_q, n_k, n_k))
+    pad = torch.zeros(2, n_k, dtype=torch.bool)
+    pad[1, :7] = True  # the second row left-padded by 7
+    kw = {"k_padding": pad, "q_padding": pad} if case == "padded causal" else \
+        {"k_padding": pad} if case == "padded enc_self" else {}
+    stats, calls = {}, []
+    record = AttentionStats.record
+    monkeypatch.setattr(AttentionStats, "record", lambda self, *a: calls.append(a[1].shape[2]) or record(self, *a))
+    for mode in ("eager", "chunked"):
+        site = AttentionSite(kind, 3, n_q, n_k, sliding_window=window)
+        site.name = "s"
+        model = torch.nn.ModuleDict({"s": site})
+        stats[mode] = AttentionStats(tile=8)
+        with recording(model, stats[mode]):
+            if mode == "eager":
+                site.recorder.chunk_tile = 0  # (the recorder of tiled statistics chunks by default)
+            out = site(q, k, v, **kw)
+        stats[mode].out = out
+    assert calls[0] == n_q and len(calls) > 2 and sum(calls[1:]) == n_q  # eager: all rows; chunked: chunks of them
+    torch.testing.assert_close(stats["chunked"].sum["s"], stats["eager"].sum["s"], rtol=1e-6, atol=1e-9)
+    assert torch.equal(stats["chunked"].count["s"], stats["eager"].count["s"])
+    assert stats["chunked"].tokens == stats["eager"].tokens
+    torch.testing.assert_close(stats["chunked"].out, stats["eager"].out, rtol=1e-5, atol=1e-6)

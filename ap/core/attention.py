@@ -124,11 +124,13 @@ def sdpa_attention(
     return out, None
 
 
-def tile_sum(x: Tensor, bs: int) -> Tensor:
-    """``(..., Q, K)`` → ``(..., ceil(Q/bs), ceil(K/bs))``: sums over ``bs × bs`` tiles (edges zero-padded)."""
+def tile_sum(x: Tensor, bs: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``(..., Q, K)`` → ``(..., ceil(Q/bs), ceil(K/bs))``: sums over ``bs × bs`` tiles (edges zero-padded),
+    accumulated in ``dtype`` (default: ``x``'s)."""
     q, k = x.shape[-2:]
-    x = F.pad(x, (0, -k % bs, 0, -q % bs))  # (..., Qb*bs, Kb*bs)
-    return x.unflatten(-1, (-1, bs)).unflatten(-3, (-1, bs)).sum(dim=(-3, -1))
+    if k % bs or q % bs:
+        x = F.pad(x, (0, -k % bs, 0, -q % bs))  # (..., Qb*bs, Kb*bs)
+    return x.unflatten(-1, (-1, bs)).unflatten(-3, (-1, bs)).sum(dim=(-3, -1), dtype=dtype)
 
 
 def empty_tiles(keep: Tensor, valid: Tensor, bs: int) -> tuple[int, int]:

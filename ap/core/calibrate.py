@@ -32,6 +32,7 @@ def recording(model: nn.Module, stats: AttentionStats) -> Iterator[AttentionStat
         if site.name == first:  # calibration tokens = real queries seen by the first site
             stats.tokens += int((q_pos >= 0).sum()) * (probs.shape[0] if q_pos.shape[0] == 1 else 1)
 
+    record.chunk_tile = stats.tile  # tiled statistics: sites hand probabilities over a chunk of rows at a time
     for site in sites.values():
         stats.add_site(site.name, site.kind, site.n_heads, site.max_q, site.max_k)
         site.recorder = record

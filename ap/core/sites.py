@@ -17,6 +17,7 @@ memory slots followed by the segment) are aligned at the bottom-right: query ``i
 from __future__ import annotations
 
 import logging
+import math
 from enum import Enum
 from typing import Any, Callable, Optional
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 # backend auto picks a block-sparse backend (block on CPU, flex on GPU) from this share of empty valid 64-tiles and this
 # many keys (scripts/benchmark.py, 2 CPU cores: at 75 % empty block was 2.06x / 2.08x faster than causal SDPA in
 # forward and 1.81x / 1.40x in forward+backward at L 512 / 2048; at 50 % about level, 1.11x / 0.98x at L 2048)
+CHUNK_ELEMENTS = 1 << 24  # scores per chunk of chunked calibration (64 MB in float32)
 AUTO_SPARSE_MIN_EMPTY = 0.75
 AUTO_SPARSE_MIN_LEN = 512
 # On CUDA flex runs 128-blocks and the fused dense kernels are strong: scripts/gpu_check.py on an H200 (bf16, B1 H16
@@ -178,7 +180,10 @@ class AttentionSite(nn.Module):
             q_pos = real_positions(q_padding, tq, 0 if q_offset is None else q_offset, q.device)  # (1|B, Tq)
         padded = q_padding is not None or k_padding is not None
         need_probs = self.recorder is not None
-        backend = "eager" if need_probs else self.backend
+        # a recorder of tiled statistics takes probabilities a chunk of query rows at a time (``_record_chunked``):
+        # the output comes from the fused kernel, the (B, H, Tq, Tk) probabilities are never held
+        chunked = need_probs and getattr(self.recorder, "chunk_tile", 0) > 0 and self.mask is None
+        backend = "sdpa" if chunked else "eager" if need_probs else self.backend
         if bias is not None and backend == "auto":
             backend = "sdpa"  # the block-sparse backends add no score bias
         if backend in ("auto", "flex", "block"):  # (two host syncs: only for backends that cache per position window)
@@ -205,10 +210,42 @@ class AttentionSite(nn.Module):
                 self._block_masks[plan_key] = plan
                 mask, is_causal = plan, False
         out, probs = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
-                               backend=backend, need_probs=need_probs, bias=bias)
-        if need_probs:
+                               backend=backend, need_probs=need_probs and not chunked, bias=bias)
+        if chunked:
+            self._record_chunked(q, k, mask, is_causal, scale, bias, q_pos, k_pos)
+        elif need_probs:
             self.recorder(self, probs, q_pos, k_pos)
         return out
+
+    def _record_chunked(self, q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
+                        bias: Optional[Tensor], q_pos: Tensor, k_pos: Tensor) -> None:
+        """Hand the recorder this call's probabilities a chunk of query rows at a time (rows start at multiples of
+        the recorder's ``chunk_tile``; about ``CHUNK_ELEMENTS`` scores per chunk, causal calls only over the keys the
+        chunk can reach): the same probabilities as the eager backend, in O(B x H x chunk x Tk) memory."""
+        b, h, tq, d = q.shape
+        tk, tile = k.shape[-2], self.recorder.chunk_tile
+        scale = 1.0 / math.sqrt(d) if scale is None else scale
+        rows = max(tile, CHUNK_ELEMENTS // max(1, b * h * tk) // tile * tile)
+        for a in range(0, tq, rows):
+            e = min(tq, a + rows)
+            kend = min(tk, e + tk - tq) if is_causal else tk  # bottom-right causal: row i sees keys j <= i + Tk - Tq
+            att = (q[:, :, a:e].float() @ k[:, :, :kend].float().transpose(-2, -1)).mul_(scale)  # (B, H, c, kend)
+            # (bf16 models: scores and softmax in float32, more exact than the eager backend's bf16 softmax)
+            if bias is not None:
+                att.add_(bias[..., a:e, :kend].float())
+            keep = None if mask is None else mask[..., a:e, :kend]  # (1|B, H|1, c, kend)
+            if is_causal:
+                causal = torch.arange(kend, device=q.device)[None, :] <= torch.arange(a, e, device=q.device)[:, None] \
+                    + (tk - tq)  # (c, kend)
+                keep = causal if keep is None else keep & causal
+            if keep is not None:
+                att.masked_fill_(~keep, torch.finfo(att.dtype).min)
+            # softmax in place (one buffer per chunk: fresh large buffers cost page faults as much as the math)
+            probs = att.sub_(att.amax(dim=-1, keepdim=True)).exp_()  # (B, H, c, kend)
+            probs.div_(probs.sum(dim=-1, keepdim=True))
+            if keep is not None and not (is_causal and mask is None):  # (causal rows always keep their own key)
+                probs = probs * keep.any(dim=-1, keepdim=True)  # rows with no kept key -> 0, like eager
+            self.recorder(self, probs, q_pos[:, a:e], k_pos[:, :kend])
 
     def _call_mask(self, q_pos: Tensor, k_pos: Tensor, padded: bool) -> tuple[Optional[Tensor], bool]:
         """This call's bool keep-mask ``(1|B, H|1, Tq, Tk)`` (installed mask, sliding window and, for padded calls,

@@ -72,26 +72,28 @@ class AttentionStats:
             raise APError(f"site {name!r}: positions up to {int(q_pos.max())}x{int(k_pos.max())} exceed the "
                           f"statistics size {max_q}x{max_k}")
         shift = max_k - max_q if causal else 0  # causal: key j is valid for query i iff j <= i + shift
-        if q_pos.shape[0] == 1 and k_pos.shape[0] == 1 and int(q_pos[0, 0]) == 0 and int(k_pos[0, 0]) == 0:
-            # Fast path: no padding, positions 0..T-1.
+        q0 = int(q_pos[0, 0])
+        if q_pos.shape[0] == 1 and k_pos.shape[0] == 1 and int(k_pos[0, 0]) == 0 and q0 >= 0 and q0 % max(t, 1) == 0:
+            # Fast path: no padding, keys at positions 0..Tk-1, queries at q0..q0+Tq-1 (q0 = 0, or where a chunk of
+            # the rows starts: a whole number of tiles)
             tq, tk = q_pos.shape[1], k_pos.shape[1]
             valid = torch.ones(tq, tk, dtype=torch.bool, device=probs.device)  # (Tq, Tk)
             if causal:
-                valid = torch.tril(valid, diagonal=shift)
+                valid = torch.tril(valid, diagonal=shift + q0)
             if window is not None:
-                valid = torch.triu(valid, diagonal=1 - window)  # key j >= i - window + 1
-            if t:  # float64 like the element path (bf16 tile sums were off by up to 0.4 %), one head at a time:
-                # (Tq, Tk) float64 per head, never (B, H, Tq, Tk)
-                w = valid.to(torch.float64)  # (Tq, Tk)
-                p = torch.stack([tile_sum(probs[:, h].detach().sum(dim=0, dtype=torch.float64) * w, t)
-                                 for h in range(probs.shape[1])])  # (H, Tq/t, Tk/t)
-                c = tile_sum(w, t) * probs.shape[0]  # (Tq/t, Tk/t)
-                total[:, :p.shape[1], :p.shape[2]] += p.cpu()
-                count[:c.shape[0], :c.shape[1]] += c.cpu()
+                valid = torch.triu(valid, diagonal=q0 + 1 - window)  # key j >= i - window + 1
+            if t:  # accumulated in float64 like the element path (bf16 tile sums were off by up to 0.4 %), without
+                # a float64 copy of the probabilities; invalid entries zeroed in their own dtype (exact)
+                x = probs.detach() if bool(valid.all()) else probs.detach() * valid  # (B, H, Tq, Tk)
+                p = tile_sum(x, t, dtype=torch.float64).sum(dim=0)  # (H, Tq/t, Tk/t)
+                c = tile_sum(valid.to(torch.float64), t) * probs.shape[0]  # (Tq/t, Tk/t)
+                r = q0 // t
+                total[:, r:r + p.shape[1], :p.shape[2]] += p.cpu()
+                count[r:r + c.shape[0], :c.shape[1]] += c.cpu()
                 return
             w = valid.to(torch.float64)
-            total[:, :tq, :tk] += (probs.detach().to(torch.float64).sum(dim=0) * w).cpu()  # (H, Tq, Tk)
-            count[:tq, :tk] += (w * probs.shape[0]).cpu()
+            total[:, q0:q0 + tq, :tk] += (probs.detach().to(torch.float64).sum(dim=0) * w).cpu()  # (H, Tq, Tk)
+            count[q0:q0 + tq, :tk] += (w * probs.shape[0]).cpu()
             return
         probs = probs.detach().to(torch.float64)
         b = probs.shape[0]
