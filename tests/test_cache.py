@@ -312,14 +312,16 @@ def all_keys(cfg, pretrained: bool = False) -> dict[str, str]:
     ("wmt", "task.module.bleu=tokenized"), ("wmt", "task.module.beam=2"), ("wmt", "task.module.lenpen=0.6"),
     ("wmt", "data.eval_max_tokens=1000"), ("wmt", "task.module.reference_files.test=/refs/test.en"),
     ("clm", "task.data.max_eval_sequences=3"), ("clm", "model.backend=block"), ("clm", "task.data.eval_batch_size=2")])
-def test_evaluation_settings_stay_out_of_the_weights_key(tiny_cfg, task, override):
+def test_evaluation_settings_stay_out_of_the_weights_key(tiny_cfg, tmp_path, task, override):
     """Evaluation-only settings change the keys of what holds evaluation results (dense_eval, dense_ft), never the
     dense weights'; calibration's only where it reads them (its batch size)."""
     from ap.cache import CALIBRATION_READS
 
     from conftest import compose_cfg
 
-    base = {"lm": [], "txl": ["model=transformer_xl"], "wmt": ["task=wmt"], "clm": ["task=clm"]}[task]
+    base = {"lm": [], "txl": ["model=transformer_xl"], "wmt": ["task=wmt"],
+            "clm": ["task=clm", f"model.name_or_path={tmp_path}"]}[task]  # (a local model: a name that is no
+    # folder here would be a hub model of unknown revision, never a hit)
     make = tiny_cfg if task == "lm" else (lambda *o: compose_cfg([*o, "paths.output_dir=/run"]))
     pretrained = task == "clm"
     a, b = all_keys(make(*base), pretrained), all_keys(make(*base, override), pretrained)
