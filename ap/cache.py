@@ -9,9 +9,9 @@ job (a plain ``-m`` sweep, parallel joblib workers, SLURM array tasks, DDP ranks
   The dense weights' key leaves out what only evaluation reads (``EVAL_ONLY``); evaluation results are products of
   their own, keyed on the weights plus those settings, and calibration adds the ones it reads (``CALIBRATION_READS``).
 - **Atomic entries**: an entry is built in ``<stage>/.tmp/<key>-<host>-<pid>-<random>``, gets ``entry.json`` (the
-  payload it hashes and the sha256 of every file), and is renamed into place. A job killed while building leaves no entry; its folder is
-  cleared by the next builder only when that builder runs on the same host and the owner's process is gone (a lock
-  that does not span nodes must not let one node delete another's live build).
+  payload it hashes and the sha256 of every file), and is renamed into place. A job killed while building leaves no
+  entry; its folder is cleared by the next builder only when that builder runs on the same host and the owner's
+  process is gone (a lock that does not span nodes must not let one node delete another's live build).
 - **One builder**: jobs that miss the same entry wait on a ``filelock.FileLock`` (``<stage>/.locks/<key>.lock``);
   the first builds it, the others
   reuse it. Every job, builder or not, then loads the product from the entry, so a result never depends on hit or miss.

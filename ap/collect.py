@@ -150,12 +150,13 @@ def path_label(value: Any) -> Any:
 def _copies_of_a_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs of one setting with the same seed are no seeds of each other (a setting that tells them apart is not
     recorded, or a run was repeated): each gets its own ``copy`` number, so no row averages them, with a warning."""
-    keys = setting_columns(runs)
-    copy = runs.groupby([*keys, "seed"], dropna=False, sort=False).cumcount()
+    groups = runs.groupby([*setting_columns(runs), "seed"], dropna=False, sort=False)
+    copy = groups.cumcount()
     if not copy.any():
         return runs
-    for _, dup in runs[copy.groupby([runs[k].astype(str) for k in [*keys, "seed"]]).transform("max") > 0].groupby(
-            [*keys, "seed"], dropna=False, sort=False):
+    for _, dup in groups:
+        if len(dup) < 2:
+            continue
         warnings.warn(f"collect: {len(dup)} runs share every setting and seed {dup['seed'].iloc[0]} "
                       f"({', '.join(dup['run'])}): not averaged, one row each (column copy)", stacklevel=2)
     return runs.assign(copy=copy)
@@ -185,7 +186,7 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
                 label = ", ".join([str(setting["policy"])] + [f"{k}={setting[k]}" for k in varying])
                 line = line.sort_values("sparsity_mean")
                 x, color = 100 * line["sparsity_mean"], f"C{i % 10}"
-                free = setting.get("finetune") is False or str(setting.get("finetune")) == "False"
+                free = str(setting.get("finetune")) == "False"  # (a bool, or numpy's)
                 _points(ax, x, line, metric, color, f"{label} ({'training-free' if free else 'fine-tuned'})", "-")
                 if not free and f"pre/{metric}_mean" in line and line[f"pre/{metric}_mean"].notna().any():
                     _points(ax, x, line, f"pre/{metric}", color, f"{label} (before fine-tuning)", "--")

@@ -160,13 +160,13 @@ def pruning_config(cfg: DictConfig) -> PruningConfig:
 
 def check(cfg: DictConfig) -> None:
     """Checks that Hydra's type system cannot express; raises ``APError`` with the key to fix."""
-    pruning_config(cfg)
+    spec = pruning_config(cfg)
     pruning = cfg.pruning
     if not pruning.get("finetune", True) and pruning.get("reinit"):
         raise APError("pruning.reinit=true trains the pruned model from scratch: it needs pruning.finetune=true")
     if cfg.get("ckpt_path") and cfg.pruning.get("dense_ckpt"):
         raise APError("give either ckpt_path (resume a run) or pruning.dense_ckpt (start from dense weights), not both")
-    sinks = pruning.get("keep_sinks", 0) or str(pruning.get("policy")) in ("sink_window", "Policy.sink_window")
+    sinks = spec.keep_sinks or spec.policy.value == "sink_window"
     if sinks and cfg.get("model", {}).get("arch") == "transformer_xl" and (cfg.model.get("mem_len") or 0) > 0:
         raise APError("pruning.keep_sinks / pruning=sink_window keep each row's first keys, but Transformer-XL's first "
                       "key slots are its memory (oldest first), not the stream's first tokens: use "

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 # backend auto picks a block-sparse backend (block on CPU, flex on GPU) from this share of empty valid 64-tiles and this
 # many keys (scripts/benchmark.py, 2 CPU cores: at 75 % empty block was 2.06x / 2.08x faster than causal SDPA in
 # forward and 1.81x / 1.40x in forward+backward at L 512 / 2048; at 50 % about level, 1.11x / 0.98x at L 2048)
-CHUNK_ELEMENTS = 1 << 24  # scores per chunk of chunked calibration (64 MB in float32)
 AUTO_SPARSE_MIN_EMPTY = 0.75
 AUTO_SPARSE_MIN_LEN = 512
 # On CUDA flex runs 128-blocks and the fused dense kernels are strong: scripts/gpu_check.py on an H200 (bf16, B1 H16
@@ -51,6 +50,10 @@ AUTO_SPARSE_MIN_LEN = 512
 # 64-tiles (128-blocks mostly visited) 0.24-0.95x, and the block backend 0.05-0.32x everywhere: auto counts empty
 # 128-blocks there, picks flex from 8k keys, never block (SDPA instead).
 AUTO_SPARSE_MIN_LEN_CUDA = 8192
+
+# scores per chunk of chunked (tiled) calibration: 8 MB in float32 (one 4k site of SmolLM2: 0.52 s per call with
+# 2M, 0.90 s with 16M; larger buffers are page-faulted in afresh each chunk)
+CHUNK_ELEMENTS = 1 << 21
 
 # recorder(site, probs (B, H, Tq, Tk), q_pos (B|1, Tq), k_pos (B|1, Tk)); positions are -1 at padding.
 Recorder = Callable[["AttentionSite", Tensor, Tensor, Tensor], None]
