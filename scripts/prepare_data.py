@@ -37,14 +37,12 @@ BIBLE_SPLIT = {"test_books": list(bible.TEST_BOOKS), "valid_books": list(bible.V
 
 
 def same_bible_split(out: Path) -> bool:
-    """Whether ``out`` was prepared with today's held-out books (``split.json``); an older split is rebuilt."""
+    """Whether ``out`` was prepared with today's held-out books (``split.json``); says so when it will be rebuilt."""
     marker = out / "split.json"
-    if not marker.is_file():
-        if out.exists():
-            print(f"{out} was prepared with an older split of the Bible (held-out books with parallels in train): "
-                  "rebuilding it")
-        return False
-    return {k: json.loads(marker.read_text()).get(k) for k in BIBLE_SPLIT} == BIBLE_SPLIT
+    same = marker.is_file() and {k: json.loads(marker.read_text()).get(k) for k in BIBLE_SPLIT} == BIBLE_SPLIT
+    if not same and out.exists():
+        print(f"{out} was prepared with other held-out Bible books than {BIBLE_SPLIT}: rebuilding it")
+    return same
 
 
 def write_bible_split(out: Path, db: Path) -> None:

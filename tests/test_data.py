@@ -105,12 +105,16 @@ def test_prepare_rebuilds_a_bible_sample_of_an_older_split(tiny_db, tmp_path):
         wikitext.split_file(old, split).write_text(" = Mark = \n")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/prepare_data.py"), "lm_sample", "--data-dir", str(data)],
                           capture_output=True, text=True)
-    assert proc.returncode == 0 and "older split" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "rebuilding it" in proc.stdout, proc.stdout + proc.stderr
     assert "Mark" not in wikitext.split_file(old, "test").read_text()  # rebuilt from the database
     assert json.loads((old / "split.json").read_text())["test_books"] == list(bible.TEST_BOOKS)
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/prepare_data.py"), "lm_sample", "--data-dir", str(data)],
                           capture_output=True, text=True)
     assert "already prepared" in proc.stdout  # same split: kept
+    (old / "split.json").write_text(json.dumps({"test_books": [41], "valid_books": [62]}))  # another split's marker
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/prepare_data.py"), "lm_sample", "--data-dir", str(data)],
+                          capture_output=True, text=True)
+    assert "rebuilding it" in proc.stdout and json.loads((old / "split.json").read_text())["test_books"] == [44]
 
 
 def test_prepare_wikitext_without_source_explains(tmp_path):
