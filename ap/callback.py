@@ -39,7 +39,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
 from tqdm.auto import tqdm
 
-from ap.core import APError, AttentionStats, MaskSet, calibrate, find_sites, make_maskset
+from ap.core import APError, AttentionStats, MaskSet, PruningSpec, calibrate, find_sites, make_maskset
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,7 @@ log = logging.getLogger(__name__)
 class AttentionPruning(pl.Callback):
     def __init__(
         self,
-        sparsity: float | dict[str, float] = 0.9,
-        kinds: Optional[list[str]] = None,
-        scope: str = "layer",
-        block_size: int = 0,
-        policy: str = "ap",
-        seed: int = 0,
+        spec: PruningSpec,
         calibration_batches: Optional[int] = None,
         reinit: bool = False,
         masks_path: Optional[str] = None,
@@ -61,17 +56,10 @@ class AttentionPruning(pl.Callback):
         heatmaps: bool = True,
         config: Optional[dict[str, Any]] = None,
         train_seed: Optional[int] = None,
-        score: str = "mean",
-        keep_sinks: int = 0,
-        tiled: bool = False,
     ) -> None:
-        self.sparsity, self.scope, self.block_size, self.policy, self.seed = sparsity, scope, block_size, policy, seed
-        self.score, self.keep_sinks = score, keep_sinks
-        if tiled and block_size <= 0:
-            raise APError("pruning.tiled=true accumulates statistics per pruning.block_size tile: set "
-                          "pruning.block_size (e.g. 64)")
-        self.tile = block_size if tiled else 0  # statistics and masks per tile (long sequences), 0 = per entry
-        self.kinds = sorted(kinds) if kinds is not None else None  # None = every kind (or the keys of a dict target)
+        """``spec``: how masks are made (``tile > 0``: calibrate per tile); the rest: where masks come from and go."""
+        self.spec = spec.validate()
+        self.tile = spec.tile  # statistics and masks per tile (long sequences), 0 = per entry
         self.calibration_batches, self.reinit = calibration_batches, reinit
         self.masks_path, self.stats_path = masks_path, stats_path
         self.output_dir = Path(output_dir) if output_dir else None
@@ -119,9 +107,7 @@ class AttentionPruning(pl.Callback):
                     self.stats = self.calibrate(trainer, pl_module)
                     self.timing["calibrate_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                self.masks = make_maskset(self.stats, model, self.sparsity, scope=self.scope, policy=self.policy,
-                                          seed=self.seed, config=self.config, block_size=self.block_size,
-                                          kinds=self.kinds, score=self.score, keep_sinks=self.keep_sinks)
+                self.masks = make_maskset(self.stats, model, self.spec, config=self.config)
                 self.timing["threshold_s"] = time.perf_counter() - t0
             self._write(trainer)
             log.info(f"AttentionPruning: {self.masks.meta['achieved']['overall']:.1%} of valid attention pruned\n"
@@ -182,21 +168,11 @@ class AttentionPruning(pl.Callback):
 
     def check_made_like_this(self, meta: dict[str, Any]) -> None:
         """Raise ``APError`` naming both values if masks (``meta``) were made with other pruning settings."""
-        kinds = sorted(self.sparsity) if isinstance(self.sparsity, dict) else self.kinds
-        if kinds is not None:  # meta lists the kinds actually pruned: those of the model's sites
-            present = {spec[0] for spec in meta.get("model", {}).get("sites", {}).values()}
-            kinds = sorted(k for k in kinds if k in present)
-        ours = {"sparsity": self.sparsity, "kinds": kinds, "scope": self.scope, "policy": self.policy,
-                "block_size": self.block_size, "score": self.score, "keep_sinks": self.keep_sinks, "tile": self.tile}
-        for key, value in ours.items():
-            theirs = meta.get(key)
-            if key == "kinds" and (value is None or theirs is None):
-                continue  # every kind, or masks written before kinds were recorded
-            if (key, theirs, value) in (("score", None, "mean"), ("keep_sinks", None, 0), ("tile", None, 0)):
-                continue  # masks written before these were recorded: the paper's settings
-            if theirs != value:
-                raise APError(f"the checkpoint's masks were made with {key}={theirs}, this run asks for {key}={value}: "
-                              f"resume with the pruning config of the interrupted run")
+        diff = self.spec.difference(meta)
+        if diff:
+            key, theirs, ours = diff
+            raise APError(f"the checkpoint's masks were made with {key}={theirs}, this run asks for {key}={ours}: "
+                          f"resume with the pruning config of the interrupted run")
 
 
 def check_stats_memory(model: Any, tile: int, limit: Optional[float] = None) -> None:

@@ -19,9 +19,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, DictConfig, OmegaConf
 
 from ap.core.errors import APError
+from ap.core.spec import KINDS, PruningSpec
 
-
-KINDS = ("enc_self", "dec_self", "cross")  # attention site kinds (ap.core.SiteKind)
 
 # layer: one threshold per attention site (the paper's default); head: one per site and head; global: one for all sites.
 # (Functional API because "global" is a Python keyword; OmegaConf matches enum members by name.)
@@ -66,22 +65,25 @@ class PruningConfig:
     heatmaps: bool = True  # write heatmaps/<site>.png next to masks.pt
 
     def __post_init__(self) -> None:
-        given = [(f"kind_sparsity.{k}", v) for k, v in self.kind_sparsity.items() if v is not None]
-        for what, s in [("sparsity", self.sparsity)] + given:
-            if not 0.0 <= s < 1.0:
-                raise APError(f"pruning.{what}={s} is outside [0, 1): it is the fraction of attention entries pruned")
-        if self.keep_sinks < 0:
-            raise APError(f"pruning.keep_sinks={self.keep_sinks} must be >= 0 (0 = keep no extra sink keys)")
-        if self.block_size < 0:
-            raise APError(f"pruning.block_size={self.block_size} must be >= 0 (0 = element-wise masks)")
-        if self.tiled and self.block_size == 0:
-            raise APError("pruning.tiled=true calibrates per pruning.block_size tile: set pruning.block_size (e.g. 64)")
-        if self.tiled and self.score is Score.row:
-            raise APError("pruning.score=row needs element-wise statistics: use pruning.tiled=false")
         for key, given in (("kind_sparsity", list(self.kind_sparsity)), ("kinds", self.kinds)):
             bad = [k for k in given if k not in KINDS]
             if bad:
                 raise APError(f"pruning.{key} has unknown site kind {bad[0]!r}; use enc_self, dec_self or cross")
+        given = [(f"kind_sparsity.{k}", v) for k, v in self.kind_sparsity.items() if v is not None]
+        for what, s in [("sparsity", self.sparsity)] + given:
+            if not 0.0 <= s < 1.0:
+                raise APError(f"pruning.{what}={s} is outside [0, 1): it is the fraction of attention entries pruned")
+        if self.tiled and self.block_size == 0:
+            raise APError("pruning.tiled=true calibrates per pruning.block_size tile: set pruning.block_size (e.g. 64)")
+        self.spec()  # the remaining checks
+
+    def spec(self) -> PruningSpec:
+        """The checked ``PruningSpec`` of this config (``tile = block_size`` when ``tiled``)."""
+        name = lambda e: getattr(e, "value", e)  # noqa: E731 (enum members, or strings given in Python)
+        return PruningSpec(target=self.target(), kinds=tuple(self.pruned_kinds()), scope=name(self.scope),
+                           policy=name(self.policy), score=name(self.score), seed=self.seed,
+                           block_size=self.block_size, keep_sinks=self.keep_sinks,
+                           tile=self.block_size if self.tiled else 0).validate()
 
     @property
     def enabled(self) -> bool:

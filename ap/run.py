@@ -96,12 +96,9 @@ def run_stages(cfg: DictConfig) -> dict[str, Any]:
     callback: Optional[AttentionPruning] = None
     if pruning.enabled:
         callback = AttentionPruning(
-            sparsity=pruning.target(), kinds=pruning.pruned_kinds(), scope=pruning.scope.value,
-            block_size=pruning.block_size, policy=pruning.policy.value, seed=pruning.seed,
-            calibration_batches=pruning.calibration_batches, reinit=pruning.reinit, masks_path=pruning.masks_path,
-            stats_path=pruning.stats_path, output_dir=str(out), heatmaps=pruning.heatmaps,
-            config=resolved(cfg.pruning), train_seed=cfg.seed, score=pruning.score.value,
-            keep_sinks=pruning.keep_sinks, tiled=pruning.tiled)
+            pruning.spec(), calibration_batches=pruning.calibration_batches, reinit=pruning.reinit,
+            masks_path=pruning.masks_path, stats_path=pruning.stats_path, output_dir=str(out),
+            heatmaps=pruning.heatmaps, config=resolved(cfg.pruning), train_seed=cfg.seed)
     check_user_files(cfg, pruning, module, callback)
     cache = StageCache(Path(cfg.paths.cache_dir) if cfg.cache.enabled else None, out)
     state = RunState(cfg, pruning, dm, module, callback, cache,

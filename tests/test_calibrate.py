@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ap.core import MaskSet, calibrate, find_sites, make_maskset
+from ap.core import PruningSpec, MaskSet, calibrate, find_sites, make_maskset
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
 
 
@@ -76,11 +76,11 @@ def test_all_true_masks_equal_dense_and_pruning_changes_outputs():
     x = batches[0]
     dense = model(x)[0]
     stats = calibrate(model, batches, lambda b: model(b))
-    full = make_maskset(stats, model, 0.0)
+    full = make_maskset(stats, model, PruningSpec(0.0))
     assert all(torch.equal(m, torch.ones_like(m).tril()) for m in full.masks.values())
     full.install(model)
     torch.testing.assert_close(model(x)[0], dense)
-    make_maskset(stats, model, 0.8).install(model)
+    make_maskset(stats, model, PruningSpec(0.8)).install(model)
     pruned = model(x)[0]
     assert not torch.allclose(pruned, dense)
     for backend in ("eager", "sdpa"):  # both backends apply the same mask

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ap.core import AttentionSite, MaskError, attention, calibrate, make_maskset
+from ap.core import PruningSpec, AttentionSite, MaskError, attention, calibrate, make_maskset
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ def test_flex_site_caches_block_masks_and_matches_eager_in_the_lm():
     model = TransformerLM(TransformerLMConfig(vocab_size=50, block_len=160, n_layers=2, n_heads=2, d_model=32,
                                               d_ff=64, dropout=0.0))
     batches = [torch.randint(0, 50, (2, 160)) for _ in range(2)]
-    masks = make_maskset(calibrate(model, batches, lambda x: model(x)), model, 0.9, block_size=32)
+    masks = make_maskset(calibrate(model, batches, lambda x: model(x)), model, PruningSpec(0.9, block_size=32))
     masks.install(model)
     model.eval()
     with torch.no_grad():

@@ -14,7 +14,7 @@ import torch
 import transformers  # the hf extra (make test installs it)
 
 import ap.tasks.glue as glue_tasks
-from ap.core import MaskError, calibrate, make_maskset
+from ap.core import PruningSpec, MaskError, calibrate, make_maskset
 from ap.core.errors import APError
 from ap.data import glue
 from ap.models.hf import ap_attention, attach_sites
@@ -142,9 +142,9 @@ def test_all_true_masks_give_the_unpruned_logits_and_pruning_changes_them(tiny_b
     sites = attach_sites(model, 32)
     assert list(sites) == [f"bert.encoder.layer.{i}.attention.self.ap_site" for i in range(2)]
     stats = calibrate(model, [batch], lambda b: model(**b))
-    make_maskset(stats, model, 0.0).install(model)
+    make_maskset(stats, model, PruningSpec(0.0)).install(model)
     torch.testing.assert_close(model(**batch).logits, ref)
-    make_maskset(stats, model, 0.7).install(model)
+    make_maskset(stats, model, PruningSpec(0.7)).install(model)
     assert not torch.allclose(model(**batch).logits, ref)
 
 

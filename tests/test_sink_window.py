@@ -5,7 +5,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from ap.core import APError, AttentionStats, achieved_sparsity, build_masks, make_maskset, real_positions
+from ap.core import PruningSpec, APError, AttentionStats, achieved_sparsity, build_masks, make_maskset, real_positions
 from ap.core.threshold import SINKS
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
 
@@ -74,7 +74,7 @@ def test_pattern_is_sinks_plus_window(name, sinks):
     for w in range(1, n + 1):
         expected = pattern(n, n, sinks, w, causal)
         target = fraction(expected, stats.count[name])
-        keep = build_masks(stats, target, policy="sink_window", sinks=sinks)[name]
+        keep = build_masks(stats, PruningSpec(target, policy="sink_window"), sinks=sinks)[name]
         assert keep.dtype == torch.bool and keep.shape == (2, n, n)
         assert torch.equal(keep, expected.expand_as(keep)), (w, target)
 
@@ -86,7 +86,7 @@ def test_target_is_met_within_one_window_step_over_valid_entries(name, scope):
     count, causal = stats.count[name], name == "dec"
     valid = count > 0
     for target in (0.1, 0.3, 0.5, 0.7):
-        keep = build_masks(stats, target, scope=scope, policy="sink_window")[name]
+        keep = build_masks(stats, PruningSpec(target, scope=scope, policy="sink_window"))[name]
         tol = half_step(count, SINKS, causal)
         assert tol < 0.02, "the check is meaningful: one stripe is a small part of the site"
         assert abs(fraction(keep, count) - target) <= tol + 1e-12, target
@@ -107,16 +107,16 @@ def test_padding_positions_never_count():
         padded.count[name][:n, :n] = short.count[name]
         padded.sum[name][:, :n, :n] = short.sum[name]
     for target in (0.3, 0.6):
-        a = build_masks(short, target, policy="sink_window")
-        b = build_masks(padded, target, policy="sink_window")
+        a = build_masks(short, PruningSpec(target, policy="sink_window"))
+        b = build_masks(padded, PruningSpec(target, policy="sink_window"))
         for name in ("dec", "enc"):
             assert torch.equal(b[name][:, :n, :n], a[name])
         assert achieved_sparsity(a, short) == achieved_sparsity(b, padded)
     # rows whose keys were reached rarely (count 1 instead of 100) buy little sparsity: a wider window is needed
     heavy = full_stats(n, names=("enc",))
     heavy.count["enc"][: n // 2, : n // 2] *= 100
-    keep_heavy = build_masks(heavy, 0.5, policy="sink_window")["enc"]
-    keep_even = build_masks(full_stats(n, names=("enc",)), 0.5, policy="sink_window")["enc"]
+    keep_heavy = build_masks(heavy, PruningSpec(0.5, policy="sink_window"))["enc"]
+    keep_even = build_masks(full_stats(n, names=("enc",)), PruningSpec(0.5, policy="sink_window"))["enc"]
     assert keep_heavy.sum() < keep_even.sum()
     assert abs(fraction(keep_heavy, heavy.count["enc"]) - 0.5) <= half_step(heavy.count["enc"], SINKS, False)
 
@@ -126,7 +126,7 @@ def test_higher_target_keeps_a_subset(block_size):
     stats = ragged_stats()
     prev = None
     for target in (0.0, 0.2, 0.4, 0.6, 0.8, 0.95):
-        masks = build_masks(stats, target, policy="sink_window", block_size=block_size)
+        masks = build_masks(stats, PruningSpec(target, policy="sink_window", block_size=block_size))
         if target == 0.0:
             assert all(m.all() if n != "dec" else torch.equal(m, torch.ones_like(m).tril()) for n, m in masks.items())
         if prev is not None:
@@ -140,7 +140,7 @@ def test_higher_target_keeps_a_subset(block_size):
 def test_unreachable_target_gives_sinks_and_diagonal_reported_truthfully():
     n = 16
     stats = full_stats(n, names=("dec", "enc"))
-    masks = build_masks(stats, 0.99, policy="sink_window", sinks=2)
+    masks = build_masks(stats, PruningSpec(0.99, policy="sink_window"), sinks=2)
     for name, causal in (("dec", True), ("enc", False)):
         expected = pattern(n, n, 2, 1, causal)
         assert torch.equal(masks[name], expected.expand_as(masks[name]))
@@ -152,12 +152,12 @@ def test_unreachable_target_gives_sinks_and_diagonal_reported_truthfully():
 def test_cross_rows_past_the_keys_keep_their_nearest_key():
     """Cross-attention with more queries than keys and no sinks: a row the band misses keeps its nearest key."""
     stats = full_stats(12, names=("x",), q=20)
-    keep = build_masks(stats, 0.9, policy="sink_window", sinks=0)["x"]
+    keep = build_masks(stats, PruningSpec(0.9, policy="sink_window"), sinks=0)["x"]
     assert keep.any(-1).all(), "every query row keeps a key"
     assert keep[:, 19, 11].all() and keep[:, 19].sum(-1).eq(1).all()
     assert torch.diagonal(keep, dim1=1, dim2=2).all()
     with pytest.raises(APError, match="sinks"):
-        build_masks(stats, 0.5, policy="sink_window", sinks=-1)
+        build_masks(stats, PruningSpec(0.5, policy="sink_window"), sinks=-1)
 
 
 def test_global_scope_is_one_window_for_every_site():
@@ -166,12 +166,12 @@ def test_global_scope_is_one_window_for_every_site():
     short = full_stats(12, names=("x",))
     stats.add_site("x", "cross", 2, 12, 12)
     stats.count["x"], stats.sum["x"] = short.count["x"], short.sum["x"]
-    masks = build_masks(stats, 0.5, scope="global", policy="sink_window")
+    masks = build_masks(stats, PruningSpec(0.5, scope="global", policy="sink_window"))
     windows = [w for w in range(1, 33) if torch.equal(masks["enc"][0], pattern(32, 32, SINKS, w, False))]
     assert len(windows) == 1 and torch.equal(masks["x"][0], pattern(12, 12, SINKS, windows[0], False))
     a = achieved_sparsity(masks, stats)
     assert a["enc"] > a["x"] and abs(a["overall"] - 0.5) < 0.04, a
-    layer = achieved_sparsity(build_masks(stats, 0.5, scope="layer", policy="sink_window"), stats)
+    layer = achieved_sparsity(build_masks(stats, PruningSpec(0.5, scope="layer", policy="sink_window")), stats)
     assert abs(layer["enc"] - 0.5) < 0.04 and abs(layer["x"] - 0.5) < 0.09, layer
 
 
@@ -179,7 +179,7 @@ def test_global_scope_is_one_window_for_every_site():
 def test_block_masks_are_the_pattern_on_tiles(scope):
     n, bs = 64, 8
     stats = full_stats(n, names=("dec",))
-    keep = build_masks(stats, 0.7, scope=scope, policy="sink_window", block_size=bs)["dec"]  # (2, 64, 64)
+    keep = build_masks(stats, PruningSpec(0.7, scope=scope, policy="sink_window", block_size=bs))["dec"]  # (2, 64, 64)
     tiles = keep[:, ::bs, ::bs]  # (2, 8, 8): the top-left entry of each tile
     windows = [w for w in range(1, 9) if torch.equal(tiles[0], pattern(8, 8, 1, w, True))]  # 4 sinks: 1 tile
     assert len(windows) == 1, "the sink tile and a window of tiles around the diagonal tiles"
@@ -207,7 +207,7 @@ def calibrated(model, seed: int):
 def test_make_maskset_end_to_end_against_ap_and_random():
     model = tiny_lm()
     stats = calibrated(model, 0)
-    sets = {p: make_maskset(stats, model, 0.5, policy=p) for p in ("ap", "random", "sink_window")}
+    sets = {p: make_maskset(stats, model, PruningSpec(0.5, policy=p)) for p in ("ap", "random", "sink_window")}
     sw = sets["sink_window"]
     assert sw.meta["policy"] == "sink_window"
     for name, keep in sw.masks.items():
@@ -217,10 +217,10 @@ def test_make_maskset_end_to_end_against_ap_and_random():
     got = {p: ms.meta["achieved"]["overall"] for p, ms in sets.items()}
     assert abs(got["ap"] - 0.5) < 0.005 and abs(got["random"] - 0.5) < 0.005
     assert abs(got["sink_window"] - got["ap"]) <= 32 / 528 / 2, got  # half of one 32-entry stripe of 528
-    other = make_maskset(calibrated(model, 1), model, 0.5, policy="sink_window")
+    other = make_maskset(calibrated(model, 1), model, PruningSpec(0.5, policy="sink_window"))
     assert all(torch.equal(other.masks[n], sw.masks[n]) for n in sw.masks), "input-independent"
     sw.install(model)
     out = model(torch.randint(0, 20, (2, 32)))
     assert torch.isfinite(out if isinstance(out, torch.Tensor) else out[0]).all()
     with pytest.warns(UserWarning, match="out of reach"):
-        make_maskset(stats, model, 0.9, policy="sink_window")
+        make_maskset(stats, model, PruningSpec(0.9, policy="sink_window"))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ap.core import (APError, AttentionSite, AttentionStats, MaskError, MaskSet, achieved_sparsity, block_sparsity,
-                     build_masks, make_maskset, real_positions)
+from ap.core import (APError, AttentionSite, AttentionStats, MaskError, MaskSet, PruningSpec, achieved_sparsity,
+                     block_sparsity, build_masks, make_maskset, real_positions)
 from ap.core.threshold import achieved_by_kind
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
 
@@ -41,7 +41,7 @@ def weighted_fraction(keep, count):
 @pytest.mark.parametrize("target", [0.5, 0.9])
 def test_target_sparsity_is_hit_over_valid_entries(scope, policy, target):
     stats = ragged_stats()
-    masks = build_masks(stats, target, scope=scope, policy=policy)
+    masks = build_masks(stats, PruningSpec(target, scope=scope, policy=policy))
     achieved = achieved_sparsity(masks, stats)
     assert abs(achieved["overall"] - target) < 0.005
     if scope == "global" and policy == "ap":
@@ -63,7 +63,7 @@ def test_target_sparsity_is_hit_over_valid_entries(scope, policy, target):
 
 def test_ap_prunes_the_lowest_mean_probabilities():
     stats = ragged_stats()
-    keep = build_masks(stats, 0.7, scope="layer")["enc"]
+    keep = build_masks(stats, PruningSpec(0.7, scope="layer"))["enc"]
     mean, valid = stats.mean("enc"), (stats.count["enc"] > 0).expand_as(keep)
     best = mean.masked_fill(~valid, float("-inf")).argmax(-1, keepdim=True)  # each row's protected entry
     candidates = valid & ~torch.zeros_like(valid).scatter_(-1, best, True)
@@ -72,19 +72,19 @@ def test_ap_prunes_the_lowest_mean_probabilities():
 
 def test_random_baseline_is_seeded_and_differs_from_ap():
     stats = ragged_stats()
-    r0, r0b, r1 = (build_masks(stats, 0.5, policy="random", seed=s)["enc"] for s in (0, 0, 1))
-    ap = build_masks(stats, 0.5)["enc"]
+    r0, r0b, r1 = (build_masks(stats, PruningSpec(0.5, policy="random", seed=s))["enc"] for s in (0, 0, 1))
+    ap = build_masks(stats, PruningSpec(0.5))["enc"]
     assert torch.equal(r0, r0b) and not torch.equal(r0, r1) and not torch.equal(r0, ap)
 
 
 def test_per_kind_sparsity_and_bad_values():
     stats = ragged_stats()
-    achieved = achieved_sparsity(build_masks(stats, {"cross": 0.3, "enc_self": 0.8}), stats)
+    achieved = achieved_sparsity(build_masks(stats, PruningSpec({"cross": 0.3, "enc_self": 0.8})), stats)
     assert abs(achieved["x"] - 0.3) < 0.005 and abs(achieved["enc"] - 0.8) < 0.005 and achieved["dec"] == 0
     with pytest.raises(APError, match=r"\[0, 1\)"):
-        build_masks(stats, 1.5)
+        build_masks(stats, PruningSpec(1.5))
     with pytest.raises(APError, match="scope"):
-        build_masks(stats, 0.5, scope="row")
+        build_masks(stats, PruningSpec(0.5, scope="row"))
 
 
 def scaled_stats(n: int = 16) -> AttentionStats:
@@ -113,12 +113,12 @@ def one_threshold(masks, stats, names) -> bool:
 def test_global_scope_is_one_threshold_over_every_site():
     """A float target: global shares one threshold across sites and kinds (low-scale sites lose most), layer doesn't."""
     stats = scaled_stats()
-    glob = build_masks(stats, 0.5, scope="global")
+    glob = build_masks(stats, PruningSpec(0.5, scope="global"))
     a = achieved_sparsity(glob, stats)
     assert abs(a["overall"] - 0.5) < 0.005
     assert a["lo"] > 0.9 and 0.3 < a["hi"] < 0.6 and a["x"] < 0.1, a
     assert one_threshold(glob, stats, ["lo", "hi", "x"])
-    layer = build_masks(stats, 0.5, scope="layer")
+    layer = build_masks(stats, PruningSpec(0.5, scope="layer"))
     a = achieved_sparsity(layer, stats)
     assert all(abs(a[n] - 0.5) < 0.005 for n in ("lo", "hi", "x")), a
     assert not one_threshold(layer, stats, ["lo", "hi"])
@@ -126,7 +126,7 @@ def test_global_scope_is_one_threshold_over_every_site():
 
 def test_global_scope_with_per_kind_targets_is_one_threshold_per_kind():
     stats = scaled_stats()
-    masks = build_masks(stats, {"enc_self": 0.5, "cross": 0.5}, scope="global")
+    masks = build_masks(stats, PruningSpec({"enc_self": 0.5, "cross": 0.5}, scope="global"))
     a, kinds = achieved_sparsity(masks, stats), achieved_by_kind(masks, stats)
     assert abs(kinds["enc_self"] - 0.5) < 0.005 and abs(a["x"] - 0.5) < 0.005
     assert a["lo"] > 0.85 and a["hi"] < 0.15, a  # lo and hi share the enc_self threshold
@@ -135,17 +135,19 @@ def test_global_scope_with_per_kind_targets_is_one_threshold_per_kind():
 
 def test_kinds_and_sites_select_what_is_pruned():
     stats = scaled_stats()
-    masks = build_masks(stats, 0.5, scope="global", kinds=["enc_self"])  # one target over lo + hi; x stays dense
+    # one target over lo + hi; x stays dense
+    masks = build_masks(stats, PruningSpec(0.5, scope="global", kinds=["enc_self"]))
     a = achieved_sparsity(masks, stats)
     assert a["x"] == 0 and abs(achieved_by_kind(masks, stats)["enc_self"] - 0.5) < 0.005 and a["lo"] > 0.85
-    a = achieved_sparsity(build_masks(stats, {"enc_self": 0.5, "cross": 0.3}, kinds=iter(["cross"])), stats)
+    a = achieved_sparsity(build_masks(stats, PruningSpec({"enc_self": 0.5, "cross": 0.3}, kinds=iter(["cross"]))),
+                          stats)
     assert a["lo"] == a["hi"] == 0 and abs(a["x"] - 0.3) < 0.005, "kinds restricts per-kind targets too"
-    a = achieved_sparsity(build_masks(stats, 0.5, scope="global", sites=iter(["lo", "x"])), stats)
+    a = achieved_sparsity(build_masks(stats, PruningSpec(0.5, scope="global"), sites=iter(["lo", "x"])), stats)
     assert a["hi"] == 0 and abs((a["lo"] + a["x"]) / 2 - 0.5) < 0.005 and a["lo"] > 0.9
     with pytest.raises(APError, match="unknown site kind 'self'"):
-        build_masks(stats, 0.5, kinds=["self"])
+        build_masks(stats, PruningSpec(0.5, kinds=["self"]))
     with pytest.raises(APError, match="unknown site kind 'encoder'"):
-        build_masks(stats, {"encoder": 0.5})
+        build_masks(stats, PruningSpec({"encoder": 0.5}))
 
 
 class ThreeSites(nn.Module):
@@ -172,15 +174,15 @@ def three_site_stats(model: ThreeSites) -> AttentionStats:
 def test_maskset_records_the_pruned_kinds():
     model = ThreeSites()
     stats = three_site_stats(model)
-    assert make_maskset(stats, model, 0.5).meta["kinds"] == ["cross", "dec_self", "enc_self"]
-    assert make_maskset(stats, model, 0.5, kinds="cross").meta["kinds"] == ["cross"]
-    ms = make_maskset(stats, model, 0.5, scope="global", kinds=iter(["dec_self", "enc_self"]))
+    assert make_maskset(stats, model, PruningSpec(0.5)).meta["kinds"] == ["cross", "dec_self", "enc_self"]
+    assert make_maskset(stats, model, PruningSpec(0.5, kinds="cross")).meta["kinds"] == ["cross"]
+    ms = make_maskset(stats, model, PruningSpec(0.5, scope="global", kinds=iter(["dec_self", "enc_self"])))
     assert ms.meta["kinds"] == ["dec_self", "enc_self"] and ms.meta["achieved"]["x"] == 0
     assert abs(ms.meta["achieved_kinds"]["enc_self"] - 0.5) > 0.01, "one threshold over enc + dec, not one per kind"
-    assert make_maskset(stats, model, {"cross": 0.2}).meta["kinds"] == ["cross"]
+    assert make_maskset(stats, model, PruningSpec({"cross": 0.2})).meta["kinds"] == ["cross"]
     lm = tiny_lm()
     with pytest.warns(UserWarning, match=r"site kinds \['cross'\] but this model's sites are \['dec_self'\]"):
-        assert make_maskset(calibrated(lm), lm, 0.5, kinds=["cross"]).meta["kinds"] == []
+        assert make_maskset(calibrated(lm), lm, PruningSpec(0.5, kinds=["cross"])).meta["kinds"] == []
 
 
 def test_unreachable_per_kind_target_warns_for_that_kind():
@@ -188,14 +190,15 @@ def test_unreachable_per_kind_target_warns_for_that_kind():
     model = ThreeSites(x_keys=2)
     stats = three_site_stats(model)
     with pytest.warns(UserWarning, match=r"cross target sparsity 80\.0% is out of reach: achieved 50\.0%") as rec:
-        make_maskset(stats, model, {"cross": 0.8, "enc_self": 0.5})
+        make_maskset(stats, model, PruningSpec({"cross": 0.8, "enc_self": 0.5}))
     assert not any("enc_self" in str(w.message) for w in rec), "the reachable kind does not warn"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_maskset(stats, model, {"cross": 0.4, "enc_self": 0.5})  # reachable: no warning
-        make_maskset(stats, model, 0.7, kinds=["enc_self", "dec_self"])  # the dense cross site does not count
+        make_maskset(stats, model, PruningSpec({"cross": 0.4, "enc_self": 0.5}))  # reachable: no warning
+        # the dense cross site does not count
+        make_maskset(stats, model, PruningSpec(0.7, kinds=["enc_self", "dec_self"]))
     with pytest.warns(UserWarning, match=r"target sparsity 80\.0% is out of reach"):
-        make_maskset(stats, model, 0.8, kinds=["cross"])
+        make_maskset(stats, model, PruningSpec(0.8, kinds=["cross"]))
 
 
 def tiny_lm(**kw) -> TransformerLM:
@@ -209,7 +212,7 @@ def calibrated(model):
 
 def test_maskset_round_trip_and_install(tmp_path):
     model = tiny_lm()
-    ms = make_maskset(calibrated(model), model, 0.5, config={"name": "ap50"})
+    ms = make_maskset(calibrated(model), model, PruningSpec(0.5), config={"name": "ap50"})
     path = ms.save(tmp_path / "masks.pt")
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "ap-masks" and raw["version"] == 1
@@ -229,7 +232,7 @@ def test_maskset_round_trip_and_install(tmp_path):
 
 def test_masks_of_another_model_name_the_first_difference(tmp_path):
     model = tiny_lm()
-    ms = make_maskset(calibrated(model), model, 0.5)
+    ms = make_maskset(calibrated(model), model, PruningSpec(0.5))
     other = TransformerLM(TransformerLMConfig(vocab_size=20, block_len=8, n_layers=2, n_heads=4, d_model=8, d_ff=16))
     with pytest.raises(MaskError, match=r"blocks\.0\.attn\.site.*n_heads 2 \(masks\) vs 4 \(model\)"):
         ms.install(other)
@@ -247,7 +250,7 @@ def test_masks_of_another_model_name_the_first_difference(tmp_path):
 def test_mask_file_is_checked_whole_when_loaded(tmp_path):
     """A mask one row short or a missing/extra site fails at load, naming the site (and shapes), never a KeyError."""
     model = tiny_lm()
-    ms = make_maskset(calibrated(model), model, 0.5)
+    ms = make_maskset(calibrated(model), model, PruningSpec(0.5))
     name = "blocks.1.attn.site"
     short = MaskSet({**ms.masks, name: ms.masks[name][:, :-1]}, ms.meta)
     with pytest.raises(MaskError, match=re.escape(f"{name!r} has shape (2, 7, 8) but its site is (2, 8, 8)")):
@@ -321,7 +324,7 @@ def causal_lm_stats(n: int = 64, seed: int = 0) -> AttentionStats:
 @pytest.mark.parametrize("scope", ["layer", "head"])
 def test_block_masks_prune_whole_tiles_and_hit_the_target(policy, scope):
     stats, bs = causal_lm_stats(), 8
-    keep = build_masks(stats, 0.8, scope=scope, policy=policy, block_size=bs)["dec"]  # (2, 64, 64)
+    keep = build_masks(stats, PruningSpec(0.8, scope=scope, policy=policy, block_size=bs))["dec"]  # (2, 64, 64)
     valid = (stats.count["dec"] > 0).expand_as(keep)
     tiles = keep.view(2, 8, bs, 8, bs)
     tiles_valid = valid.view(2, 8, bs, 8, bs)
@@ -336,7 +339,7 @@ def test_block_masks_prune_whole_tiles_and_hit_the_target(policy, scope):
 
 def test_block_ap_keeps_the_dense_band_and_beats_random():
     stats = causal_lm_stats()
-    ap, rnd = (build_masks(stats, 0.6, policy=p, block_size=8)["dec"] for p in ("ap", "random"))
+    ap, rnd = (build_masks(stats, PruningSpec(0.6, policy=p, block_size=8))["dec"] for p in ("ap", "random"))
     mass = lambda keep: float((stats.mean("dec") * keep).sum())  # noqa: E731 - calibrated probability mass kept
     assert mass(ap) > 1.3 * mass(rnd)
     assert ap[:, 40:48, 32:40].all(), "the tile just below the diagonal (recent tokens) is kept"
@@ -345,11 +348,11 @@ def test_block_ap_keeps_the_dense_band_and_beats_random():
 def test_element_masks_leave_few_empty_tiles():
     """The diagnostic reported in masks.pt meta: element-wise AP90 empties far fewer 8x8 tiles than block AP90."""
     stats = causal_lm_stats()
-    element = build_masks(stats, 0.9)
-    blocks = build_masks(stats, 0.9, block_size=8)
+    element = build_masks(stats, PruningSpec(0.9))
+    blocks = build_masks(stats, PruningSpec(0.9, block_size=8))
     assert block_sparsity(element, stats, 8)["overall"] < block_sparsity(blocks, stats, 8)["overall"]
     with pytest.raises(APError, match="block_size"):
-        build_masks(stats, 0.9, block_size=-1)
+        build_masks(stats, PruningSpec(0.9, block_size=-1))
 
 
 def test_unreachable_block_target_warns():
@@ -359,5 +362,5 @@ def test_unreachable_block_target_warns():
     stats.sum["blocks.0.attn.site"], stats.count["blocks.0.attn.site"] = stats.sum.pop("dec"), stats.count.pop("dec")
     stats.kinds["blocks.0.attn.site"] = stats.kinds.pop("dec")
     with pytest.warns(UserWarning, match="out of reach"):
-        ms = make_maskset(stats, model_free, 0.9, block_size=32)
+        ms = make_maskset(stats, model_free, PruningSpec(0.9, block_size=32))
     assert ms.meta["achieved"]["overall"] == pytest.approx(1 - 1056 / 2080)

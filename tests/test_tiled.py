@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ap.callback import check_stats_memory
-from ap.core import APError, AttentionStats, MaskError, MaskSet, find_sites, make_maskset, real_positions
+from ap.core import PruningSpec, APError, AttentionStats, MaskError, MaskSet, find_sites, make_maskset, real_positions
 from ap.core.attention import tile_sum
 from ap.core.masks import expand_tiles
 from ap.core.threshold import achieved_sparsity, build_masks
@@ -72,8 +72,8 @@ def test_tiled_statistics_threshold_to_the_tiles_of_element_statistics(kind, pol
     elem, tiled = AttentionStats(), AttentionStats(tile=T)
     fill([elem, tiled], kind, seed=1)
     kw = dict(scope=scope, policy=policy, block_size=T, keep_sinks=keep_sinks, seed=3)
-    by_elem = build_masks(elem, 0.5, **kw)
-    by_tile = build_masks(tiled, 0.5, **kw)
+    by_elem = build_masks(elem, PruningSpec(0.5, **kw))
+    by_tile = build_masks(tiled, PruningSpec(0.5, **kw))
     causal = torch.ones(L, L, dtype=torch.bool).tril() if kind == "dec_self" else torch.ones(L, L, dtype=torch.bool)
     for name in by_elem:
         assert by_tile[name].shape == (2, 3, 3)
@@ -86,9 +86,9 @@ def test_tiled_statistics_refuse_other_tiles_row_scores_and_merging_with_element
     tiled = AttentionStats(tile=T)
     fill([tiled], "dec_self")
     with pytest.raises(APError, match="pruning.block_size=4"):
-        build_masks(tiled, 0.5, block_size=8)
+        build_masks(tiled, PruningSpec(0.5, block_size=8))
     with pytest.raises(APError, match="score=row needs element-wise"):
-        build_masks(tiled, 0.5, block_size=T, score="row")
+        build_masks(tiled, PruningSpec(0.5, block_size=T, score="row"))
     with pytest.raises(APError, match="same pruning.block_size"):
         AttentionStats().merge(tiled)
 
@@ -108,7 +108,7 @@ def test_tiled_statistics_and_tile_masks_round_trip_through_their_files(tmp_path
     assert again.tile == T and all(torch.equal(again.sum[n], stats.sum[n]) for n in names)
     again.validate(model)  # the signature is the sites' own shape, not the tiles'
 
-    masks = make_maskset(stats, model, 0.5, block_size=T)
+    masks = make_maskset(stats, model, PruningSpec(0.5, block_size=T))
     assert masks.tile == T and masks.meta["achieved_blocks"]["block_size"] == T
     masks.save(tmp_path / "masks.pt")
     raw = torch.load(tmp_path / "masks.pt", weights_only=True)

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from ap.core import AttentionStats, MaskError, calibrate, find_sites
+from ap.core import PruningSpec, AttentionStats, MaskError, calibrate, find_sites
 from ap.core.threshold import achieved_sparsity, build_masks
 from ap.data.wikitext import read_tokens
 from ap.models.transformer_xl import TransformerXL, TransformerXLConfig
@@ -121,7 +121,7 @@ def test_row_score_hits_the_target_sparsity_like_the_papers(score):
         mems["m"] = out.mems
 
     calibrate(model, range(5), forward, stats=stats)
-    masks = build_masks(stats, 0.7, score=score)
+    masks = build_masks(stats, PruningSpec(0.7, score=score))
     assert achieved_sparsity(masks, stats)["overall"] == pytest.approx(0.7, abs=0.01)
     for keep in masks.values():  # the causal future of the segment is never kept, the empty memory slots stay kept
         assert not keep[:, torch.arange(CFG.tgt_len)[:, None] + CFG.mem_len < torch.arange(CFG.mem_len +
@@ -179,8 +179,8 @@ def test_sinks_are_refused_on_memory_keys():
         calibrate(model, range(2), lambda s: model(torch.randint(0, 50, (2, CFG.tgt_len))), stats=stats[mem])
     for kw in ({"keep_sinks": 2}, {"policy": "sink_window"}):
         with pytest.raises(APError, match="memory"):
-            build_masks(stats[CFG.mem_len], 0.5, **kw)
-        assert build_masks(stats[0], 0.5, **kw)  # no memory: the first keys are the sequence's first tokens
+            build_masks(stats[CFG.mem_len], PruningSpec(0.5, **kw))
+        assert build_masks(stats[0], PruningSpec(0.5, **kw))  # no memory: the first keys are the sequence's first tokens
     for override in ("pruning.keep_sinks=4", "pruning=sink_window50"):
         with pytest.raises(APError, match="model.mem_len=0"):
             check(compose_cfg(["model=transformer_xl", override]))

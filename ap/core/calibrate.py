@@ -1,12 +1,13 @@
 """The AP recipe as plain-PyTorch functions: calibrate a model, then turn statistics into a ``MaskSet``.
 
     stats = calibrate(model, train_batches, lambda batch: model(batch["input"]))
-    masks = make_maskset(stats, model, sparsity=0.9)        # scope "layer", policy "ap"
-    masks.install(model)                                   # every AttentionSite now applies its mask
+    masks = make_maskset(stats, model, PruningSpec(target=0.9))   # scope "layer", policy "ap"
+    masks.install(model)                                         # every AttentionSite now applies its mask
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import warnings
 from contextlib import contextmanager
@@ -17,8 +18,9 @@ from torch import Tensor, nn
 
 from .masks import MaskSet
 from .sites import AttentionSite, find_sites, model_signature
+from .spec import PruningSpec
 from .stats import AttentionStats
-from .threshold import achieved_by_kind, achieved_sparsity, block_sparsity, build_masks, kind_targets
+from .threshold import achieved_by_kind, achieved_sparsity, block_sparsity, build_masks
 
 
 @contextmanager
@@ -74,69 +76,67 @@ def calibrate(
 def make_maskset(
     stats: AttentionStats,
     model: nn.Module,
-    sparsity: float | dict[str, float],
-    scope: str = "layer",
-    policy: str = "ap",
-    seed: int = 0,
+    spec: PruningSpec,
     split: str = "train",
     config: Optional[dict[str, Any]] = None,
-    block_size: int = 0,
     report_block_size: int = 64,
-    kinds: Optional[Iterable[str]] = None,
-    score: str = "mean",
-    keep_sinks: int = 0,
 ) -> MaskSet:
-    """Threshold ``stats`` into a ``MaskSet`` for ``model`` with the full mask-file metadata.
+    """Threshold ``stats`` by ``spec`` into a ``MaskSet`` for ``model`` with the full mask-file metadata.
 
-    ``sparsity`` and ``kinds`` are as in ``build_masks``: a float is one target over every site of ``kinds`` (None =
-    all kinds), a dict ``{kind: sparsity}`` one target per kind. ``meta["kinds"]`` lists the kinds pruned (sorted).
+    ``meta["kinds"]`` lists the kinds pruned (sorted), ``meta["spec"]`` the spec (its ``tile`` that of ``stats``).
     A target that cannot be reached (every query row keeps its best entry or tile) warns with what was achieved.
     ``meta["achieved_blocks"]`` is the fraction of tiles (``block_size``, or ``report_block_size`` for element-wise
     masks) that are entirely pruned: the part of the work a block-sparse kernel can skip. Tiled statistics
     (``stats.tile``) give tile masks (``meta["tile"]``, mask-file version 2).
     """
     stats.validate(model)
-    kinds = kinds if kinds is None or isinstance(kinds, str) else list(kinds)  # iterated twice
-    targets = kind_targets(sparsity, kinds)
+    spec = dataclasses.replace(spec, tile=stats.tile)
+    targets = spec.validate().targets()
     pruned_kinds = sorted(k for k in targets if k in stats.kinds.values())
-    masks = build_masks(stats, sparsity, scope=scope, policy=policy, seed=seed, block_size=block_size, kinds=kinds,
-                        score=score, keep_sinks=keep_sinks)
-    tile = stats.tile or block_size or report_block_size
+    masks = build_masks(stats, spec)
+    tile = stats.tile or spec.block_size or report_block_size
     achieved = achieved_sparsity(masks, stats)
     by_kind = achieved_by_kind(masks, stats)
-    if not pruned_kinds:
-        warnings.warn(f"the pruning targets name site kinds {sorted(targets)} but this model's sites are "
-                      f"{sorted(set(stats.kinds.values()))}: nothing is pruned", stacklevel=2)
-        reached = []
-    elif isinstance(sparsity, dict):
-        reached = [(f"{k} target sparsity {targets[k]:.1%}", targets[k], by_kind[k]) for k in pruned_kinds]
-    else:  # one target over the pruned sites together
-        sel = {n: m for n, m in masks.items() if stats.kinds[n] in targets}
-        got = achieved_sparsity(sel, stats)["overall"]
-        reached = [(f"target sparsity {float(sparsity):.1%}", float(sparsity), got)]
-    # sink_window moves in whole diagonal stripes (one window step), the other policies entry by entry
-    tolerance = 0.05 if policy == "sink_window" else 0.005
-    for what, target, got in reached:
-        if got < target - tolerance:
-            warnings.warn(f"{what} is out of reach: achieved {got:.1%} (every query row keeps its best "
-                          f"{'tile' if block_size else 'entry'}); use smaller pruning.block_size or longer sequences",
-                          stacklevel=2)
+    _warn_unreached(spec, targets, pruned_kinds, masks, stats, by_kind)
     meta = {
         "model": model_signature(model),
-        "sparsity": sparsity,
+        "sparsity": spec.target,
         "kinds": pruned_kinds,
-        "scope": scope,
-        "policy": policy,
-        "score": score,
-        "keep_sinks": keep_sinks,
-        "seed": seed,
+        "scope": spec.scope,
+        "policy": spec.policy,
+        "score": spec.score,
+        "keep_sinks": spec.keep_sinks,
+        "seed": spec.seed,
         "achieved": achieved,
         "achieved_kinds": by_kind,
         "calibration": {"split": split, "batches": stats.batches, "tokens": stats.tokens},
-        "block_size": block_size,
+        "block_size": spec.block_size,
         "tile": stats.tile,  # 0: masks per entry; t: masks per t x t tile
         "achieved_blocks": {"block_size": tile, **block_sparsity(masks, stats, tile)},
+        "spec": spec.to_dict(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": config or {},
     }
     return MaskSet(masks, meta)
+
+
+def _warn_unreached(spec: PruningSpec, targets: dict[str, float], pruned_kinds: list[str], masks: dict[str, Tensor],
+                    stats: AttentionStats, by_kind: dict[str, float]) -> None:
+    """Warn if no site has a pruned kind, or a target is out of reach (rows keep their best entry or tile)."""
+    if not pruned_kinds:
+        warnings.warn(f"the pruning targets name site kinds {sorted(targets)} but this model's sites are "
+                      f"{sorted(set(stats.kinds.values()))}: nothing is pruned", stacklevel=3)
+        reached = []
+    elif isinstance(spec.target, dict):
+        reached = [(f"{k} target sparsity {targets[k]:.1%}", targets[k], by_kind[k]) for k in pruned_kinds]
+    else:  # one target over the pruned sites together
+        sel = {n: m for n, m in masks.items() if stats.kinds[n] in targets}
+        got = achieved_sparsity(sel, stats)["overall"]
+        reached = [(f"target sparsity {float(spec.target):.1%}", float(spec.target), got)]
+    # sink_window moves in whole diagonal stripes (one window step), the other policies entry by entry
+    tolerance = 0.05 if spec.policy == "sink_window" else 0.005
+    for what, target, got in reached:
+        if got < target - tolerance:
+            warnings.warn(f"{what} is out of reach: achieved {got:.1%} (every query row keeps its best "
+                          f"{'tile' if spec.block_size else 'entry'}); use smaller pruning.block_size or longer "
+                          f"sequences", stacklevel=3)

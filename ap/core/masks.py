@@ -9,7 +9,8 @@ File format (``torch.load(path, weights_only=True)``)::
               "achieved": {"overall": float, site: float},   # fraction of valid entries pruned
               "achieved_kinds": {kind: float},               # the same per site kind (enc_self, dec_self, cross)
               "calibration": {"split": str, "batches": int, "tokens": int},
-              "block_size": int, "created": ISO time, "config": {...}},
+              "block_size": int, "spec": {...},              # PruningSpec.to_dict()
+              "created": ISO time, "config": {...}},
      "masks": {site: BoolTensor[n_heads, max_q, max_k]}}       # True = keep
 
 Version 2 (tile masks, from tiled statistics: ``pruning.tiled=true``) is the same with ``meta["tile"] = t > 0`` and

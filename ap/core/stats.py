@@ -9,7 +9,7 @@ merging and all-reducing do not depend on summation order in practice.
 
 ``tile > 0`` accumulates per ``tile × tile`` tile instead of per entry: ``sum (H, Qb, Kb)`` adds the probabilities
 of a tile's valid entries, ``count (Qb, Kb)`` counts them (``Qb = ceil(Q / tile)``), so ``sum / count`` is the tile's
-count-weighted mean probability, exactly what ``build_masks(..., block_size=tile)`` scores tiles by from
+count-weighted mean probability, exactly what ``build_masks(..., PruningSpec(block_size=tile))`` scores tiles by from
 element-wise statistics. Memory falls by ``tile²``: element-wise statistics of SmolLM2 (30 sites × 9 heads) at 4,096
 positions would take 36 GB, per 64-tile 9 MB. Files: version 1 = element-wise, version 2 = tiled (``tile`` and each
 site's ``shapes`` ``[H, Q, K]`` added).

@@ -29,7 +29,9 @@ kept (True), except causal-future entries, which are False.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -37,11 +39,9 @@ from torch import Tensor
 from .attention import empty_tiles, tile_sum
 from .errors import APError
 from .sites import SiteKind
+from .spec import PruningSpec
 from .stats import AttentionStats
 
-SCOPES = ("layer", "head", "global")
-POLICIES = ("ap", "random", "sink_window")
-SCORES = ("mean", "row")  # ap's score: the mean probability (the paper), or it times the row's number of valid keys
 SINKS = 4  # sink_window: the first SINKS keys every query keeps (StreamingLLM's attention sinks)
 
 
@@ -127,45 +127,165 @@ def _row_best(scores: Tensor, valid: Tensor) -> Tensor:
     return torch.zeros_like(valid).scatter_(-1, best, True) & valid
 
 
-def kind_targets(sparsity: float | dict[str, float], kinds: Optional[Iterable[str]] = None) -> dict[str, float]:
-    """The target of every site kind that is pruned: ``{kind: sparsity}`` (kinds left out stay dense).
 
-    A float is one target for every kind in ``kinds`` (None = all kinds); a dict gives per-kind targets, restricted to
-    ``kinds`` when given. Raises ``APError`` for unknown kinds or targets outside ``[0, 1)``.
-    """
-    valid = [k.value for k in SiteKind]
-    chosen = valid if kinds is None else [kinds] if isinstance(kinds, str) else list(kinds)
-    given = list(sparsity) if isinstance(sparsity, dict) else []
-    for k in chosen + given:
-        if k not in valid:
-            raise APError(f"unknown site kind {k!r} in the pruning targets; use one of {valid}")
-    if isinstance(sparsity, dict):
-        targets = {k: float(s) for k, s in sparsity.items() if k in chosen}
-    else:
-        targets = {k: float(sparsity) for k in chosen}
-    for s in targets.values():
-        if not 0.0 <= s < 1.0:
-            raise APError(f"sparsity must be in [0, 1), got {s}")
-    return targets
+@dataclass
+class Units:
+    """What is pruned or kept as a whole, per site: entries ``(H, Q, K)`` or ``block_size``-tiles ``(H, Qb, Kb)``."""
+
+    stats: AttentionStats
+    spec: PruningSpec
+    names: list[str]  # every site, in the statistics' order
+    shapes: dict[str, tuple[int, int]]  # element (Q, K) of each site
+    shift: dict[str, int]  # causal shift (memory keys before the segment), in entries; 0 for non-causal sites
+    weights: dict[str, Tensor]  # (H, Qu, Ku) calibration count of each unit's valid entries
+
+    @property
+    def unit(self) -> int:
+        return self.spec.block_size or 1
+
+    @property
+    def tiled(self) -> bool:
+        """The statistics are already per tile: units are tiles, masks stay tiles."""
+        return self.stats.tile > 0
+
+    def kind(self, name: str) -> SiteKind:
+        return SiteKind(self.stats.kinds[name])
+
+    @classmethod
+    def of(cls, stats: AttentionStats, spec: PruningSpec) -> "Units":
+        names = list(stats.sum)
+        shapes = {n: tuple(s[2:]) for n, s in stats.signature().items()}
+        shift = {n: shapes[n][1] - shapes[n][0] if SiteKind(stats.kinds[n]).causal else 0 for n in names}
+        weights = {n: stats.count[n].expand_as(stats.sum[n]) for n in names}  # (H, Q, K)
+        if spec.block_size and not stats.tile:
+            weights = {n: tile_sum(w, spec.block_size) for n, w in weights.items()}  # (H, Qb, Kb)
+        return cls(stats, spec, names, shapes, shift, weights)
 
 
-def build_masks(
-    stats: AttentionStats,
-    sparsity: float | dict[str, float],
-    scope: str = "layer",
-    policy: str = "ap",
-    seed: int = 0,
-    sites: Optional[Iterable[str]] = None,
-    block_size: int = 0,
-    kinds: Optional[Iterable[str]] = None,
-    sinks: int = SINKS,
-    score: str = "mean",
-    keep_sinks: int = 0,
-) -> dict[str, Tensor]:
-    """Masks ``{site: (H, Q, K) bool, True = keep}`` pruning ``sparsity`` of each scope's valid entries.
+ScoreFn = Callable[[Units, torch.Generator], dict[str, Tensor]]
 
-    ``kinds`` are the site kinds to prune (None = all); ``sites`` restricts pruning further to those site names. Sites
-    not pruned get all-True masks (causal sites: the lower triangle). A float ``sparsity`` is one target for every
+
+@dataclass(frozen=True)
+class Policy:
+    """A pruning policy: per-unit scores (higher = kept longer), cut per group by a threshold or, for ``window``
+    policies whose scores are minus integer distances to the diagonal, by one window; ``sinks``: sink keys it keeps."""
+
+    scores: ScoreFn
+    window: bool = False
+    sinks: int = 0
+
+
+POLICIES: dict[str, Policy] = {}
+
+
+def register_policy(name: str, window: bool = False, sinks: int = 0) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator: register ``scores(units, generator) -> {site: (H, Qu, Ku) scores}`` as ``pruning.policy=name``."""
+    def add(fn: ScoreFn) -> ScoreFn:
+        POLICIES[name] = Policy(fn, window, sinks)
+        return fn
+    return add
+
+
+@register_policy("ap")
+def _ap_scores(u: Units, gen: torch.Generator) -> dict[str, Tensor]:
+    """The mean calibrated probability of each unit (``score=row``: times its row's number of valid keys)."""
+    sums = dict(u.stats.sum)  # (H, Q, K)
+    if u.spec.score == "row":  # relative to a uniform row: times the row's number of valid keys
+        sums = {n: t * (u.stats.count[n] > 0).sum(-1, keepdim=True).to(t.dtype) for n, t in sums.items()}
+    if u.spec.block_size and not u.tiled:
+        sums = {n: tile_sum(t, u.spec.block_size) for n, t in sums.items()}  # (H, Qb, Kb)
+    return {n: sums[n] / u.weights[n].clamp(min=1) for n in u.names}
+
+
+@register_policy("random")
+def _random_scores(u: Units, gen: torch.Generator) -> dict[str, Tensor]:
+    """A seeded uniform score per unit: the baseline with the same sparsity per scope."""
+    return {n: torch.rand(u.weights[n].shape, generator=gen, dtype=torch.float64) for n in u.names}
+
+
+@register_policy("sink_window", window=True, sinks=SINKS)
+def _window_scores(u: Units, gen: torch.Generator) -> dict[str, Tensor]:
+    """Minus each unit's distance (in units) to the diagonal: the nearest unit is the best."""
+    return {n: -_distances(u.kind(n), *u.weights[n].shape[1:], u.shift[n] // u.unit).expand_as(u.weights[n]).double()
+            for n in u.names}
+
+
+def _protected(u: Units, scores: dict[str, Tensor], sink_keys: int) -> dict[str, Tensor]:
+    """``{site: (H, Qu, Ku) bool}``: units kept whatever the target (each row's best, diagonal tiles, sinks)."""
+    protected = {n: _row_best(scores[n], u.weights[n] > 0) for n in u.names}  # each (block) row's best valid unit
+    if u.spec.block_size:  # self-attention: the diagonal tiles instead
+        for n in u.names:
+            if u.kind(n) is not SiteKind.CROSS:
+                diag = _diagonal_units(*u.shapes[n], u.shift[n], u.unit).expand_as(u.weights[n])  # (H, Qb, Kb)
+                protected[n] = diag & (u.weights[n] > 0)
+    memory = [n for n in u.names if u.shift[n] > 0]  # keys = memory slots, then the segment (Transformer-XL)
+    if sink_keys and memory:
+        # a key slot of a fixed mask is no fixed token there: slots 0..N-1 are the oldest memory slots (empty at a
+        # stream's start), never the stream's first tokens, so "sinks" have no meaning on these sites
+        what = "pruning=sink_window" if POLICIES[u.spec.policy].window else f"pruning.keep_sinks={u.spec.keep_sinks}"
+        raise APError(f"{what} keeps each row's first keys, but site {memory[0]!r} has memory keys (its first "
+                      f"{u.shift[memory[0]]} key slots are memory, oldest first, not the stream's first tokens): use "
+                      f"pruning.keep_sinks=0 and another policy, or model.mem_len=0")
+    if sink_keys:  # the sink keys (tiles holding one) are always kept
+        n_sink = -(-sink_keys // u.unit)
+        for n in u.names:
+            sink = torch.arange(u.weights[n].shape[-1]) < n_sink  # (Ku,)
+            protected[n] = protected[n] | (sink & (u.weights[n] > 0))
+            if u.spec.keep_sinks and u.kind(n) is not SiteKind.CROSS:  # and the diagonal
+                diag = _diagonal_units(*u.shapes[n], u.shift[n], u.unit)  # (Qu, Ku)
+                protected[n] = protected[n] | (diag & (u.weights[n] > 0))
+    return protected
+
+
+Group = tuple[float, list[tuple[str, Optional[int]]]]  # (target, [(site, head or None = every head)])
+
+
+def _groups(u: Units, selected: list[str]) -> list[Group]:
+    """The units that share one threshold (or window), with their target, by ``spec.scope``."""
+    per_kind, target = u.spec.targets(), u.spec.target
+    if u.spec.scope == "global" and not isinstance(target, dict):  # one threshold over every pruned site
+        return [(float(target), [(n, None) for n in selected])] if selected else []
+    if u.spec.scope == "global":  # one threshold per kind
+        members = {kind: [(n, None) for n in selected if u.stats.kinds[n] == kind] for kind in per_kind}
+        return [(s, members[kind]) for kind, s in per_kind.items() if members[kind]]
+    groups: list[Group] = []
+    for n in selected:
+        heads = [None] if u.spec.scope == "layer" else range(u.stats.sum[n].shape[0])
+        groups += [(per_kind[u.stats.kinds[n]], [(n, h)]) for h in heads]
+    return groups
+
+
+def _cut(u: Units, groups: list[Group], scores: dict[str, Tensor], protected: dict[str, Tensor],
+         window: bool) -> dict[str, Tensor]:
+    """``{site: (H, Qu, Ku) bool}`` True = pruned: each group's lowest scores (or units beyond its window) up to its
+    target, over the group's units together."""
+    pruned = {n: torch.zeros_like(u.weights[n], dtype=torch.bool) for n in u.names}
+
+    def part(t: dict[str, Tensor], n: str, h: Optional[int]) -> Tensor:
+        return t[n] if h is None else t[n][h]
+
+    for s, members in groups:
+        cat_w = torch.cat([part(u.weights, n, h).reshape(-1) for n, h in members])
+        cat_k = torch.cat([part(protected, n, h).reshape(-1) for n, h in members])
+        cat_s = torch.cat([part(scores, n, h).reshape(-1) for n, h in members])
+        if window:  # one window for the group; scores are minus integer distances
+            cat_p = _prune_beyond_window((-cat_s).long(), cat_w, cat_k, s)
+        else:  # one threshold for the group
+            cat_p = _prune_lowest(cat_s, cat_w, cat_k, s)
+        offset = 0
+        for n, h in members:
+            view = part(pruned, n, h)
+            view.copy_(cat_p[offset:offset + view.numel()].view_as(view))
+            offset += view.numel()
+    return pruned
+
+
+def build_masks(stats: AttentionStats, spec: PruningSpec, sites: Optional[Iterable[str]] = None,
+                sinks: Optional[int] = None) -> dict[str, Tensor]:
+    """Masks ``{site: (H, Q, K) bool, True = keep}`` pruning ``spec.target`` of each scope's valid entries.
+
+    ``spec.kinds`` are the site kinds to prune (None = all); ``sites`` restricts pruning further to those site names.
+    Sites not pruned get all-True masks (causal sites: the lower triangle). A float target is one target for every
     pruned site: with ``scope="global"`` one threshold across all of them. A dict ``{site_kind: float}`` (e.g.
     ``{"cross": 0.5, "enc_self": 0.9}``) gives per-kind targets, kinds not listed are not pruned: with
     ``scope="global"`` one threshold per kind.
@@ -174,9 +294,9 @@ def build_masks(
     its valid entries. Self-attention sites always keep their diagonal tiles (every query keeps its own and its
     nearest keys); cross-attention block rows keep their best tile. The target is met up to the weight of one tile,
     unless the kept diagonal alone exceeds ``1 - sparsity`` (short sequences, big tiles): then everything else is pruned.
-    ``policy="sink_window"`` keeps the first ``sinks`` keys and a window sized per scope (see the module docstring);
-    with ``block_size`` the same pattern on tiles: the first ``ceil(sinks / block_size)`` key tiles and a window of
-    tiles around the diagonal tiles, sized on the tiles' weights.
+    ``policy="sink_window"`` keeps the first ``sinks`` (default ``SINKS``) keys and a window sized per scope (see the
+    module docstring); with ``block_size`` the same pattern on tiles: the first ``ceil(sinks / block_size)`` key tiles
+    and a window of tiles around the diagonal tiles, sized on the tiles' weights.
     ``score`` (``ap`` only): ``mean`` ranks entries by their mean probability (the paper); ``row`` by the mean times the
     number of valid keys of the entry's query row, i.e. relative to a uniform row (causal row ``i`` has ``i + 1`` keys,
     so raw means, about ``1/(i+1)``, would rank whole early rows above late ones). Tiles: the count-weighted mean.
@@ -187,122 +307,30 @@ def build_masks(
     (True = keep the tile; causality inside diagonal tiles is the site's), the same tiles as element-wise statistics
     thresholded with that ``block_size``; ``score="row"`` needs element-wise statistics.
     """
-    if score not in SCORES:
-        raise APError(f"unknown pruning score {score!r}; choose one of {SCORES}")
-    if scope not in SCOPES:
-        raise APError(f"unknown pruning scope {scope!r}; choose one of {SCOPES}")
-    if policy not in POLICIES:
-        raise APError(f"unknown pruning policy {policy!r}; choose one of {POLICIES}")
-    names = list(stats.sum)
-    per_kind = kind_targets(sparsity, kinds)
-    only = None if sites is None else set(sites)
-    selected = [n for n in names if (only is None or n in only) and stats.kinds[n] in per_kind]  # sites pruned
-
-    if block_size < 0:
-        raise APError(f"block_size must be >= 0 (0 = element-wise), got {block_size}")
-    tiled = stats.tile > 0  # the statistics are already per tile: units are tiles, masks stay tiles
-    if tiled and block_size != stats.tile:
-        raise APError(f"these statistics were accumulated per {stats.tile}x{stats.tile} tile: threshold them with "
-                      f"pruning.block_size={stats.tile} (got {block_size}), or calibrate again element-wise")
-    if tiled and policy == "ap" and score == "row":
-        raise APError("pruning.score=row needs element-wise statistics (each row's valid keys); calibrate with "
-                      "pruning.tiled=false or use pruning.score=mean")
-    if sinks < 0:
+    spec = dataclasses.replace(spec, tile=stats.tile).validate(POLICIES)
+    if spec.policy not in POLICIES:
+        raise APError(f"unknown pruning policy {spec.policy!r}; choose one of {tuple(POLICIES)}")
+    policy = POLICIES[spec.policy]
+    if sinks is not None and sinks < 0:
         raise APError(f"sinks must be >= 0 (the first keys every query keeps under sink_window), got {sinks}")
-
-    # Units that are pruned or kept as a whole: entries (H, Q, K), or tiles (H, Q/bs, K/bs) with block_size.
-    gen = torch.Generator().manual_seed(seed)
-    unit = block_size or 1  # entries or tiles
-    shapes = {n: tuple(s[2:]) for n, s in stats.signature().items()}  # element (Q, K) of each site
-    shift = {n: shapes[n][1] - shapes[n][0] if SiteKind(stats.kinds[n]).causal else 0 for n in names}
-    weights = {n: stats.count[n].expand_as(stats.sum[n]) for n in names}  # (H, Q, K)
-    if block_size and not tiled:
-        weights = {n: tile_sum(w, block_size) for n, w in weights.items()}  # (H, Qb, Kb)
-    dist: dict[str, Tensor] = {}  # sink_window: each unit's distance (in units) to the diagonal, (H, Qu, Ku)
-    if policy == "ap":
-        sums = dict(stats.sum)  # (H, Q, K)
-        if score == "row":  # relative to a uniform row: times the row's number of valid keys
-            sums = {n: t * (stats.count[n] > 0).sum(-1, keepdim=True).to(t.dtype) for n, t in sums.items()}
-        if block_size and not tiled:
-            sums = {n: tile_sum(t, block_size) for n, t in sums.items()}  # (H, Qb, Kb)
-        scores = {n: sums[n] / weights[n].clamp(min=1) for n in names}
-    elif policy == "random":
-        scores = {n: torch.rand(weights[n].shape, generator=gen, dtype=torch.float64) for n in names}
-    else:  # sink_window: the nearest unit is the best
-        dist = {n: _distances(SiteKind(stats.kinds[n]), *weights[n].shape[1:], shift[n] // unit).expand_as(weights[n])
-                for n in names}
-        scores = {n: -d.double() for n, d in dist.items()}
-    pruned = {n: torch.zeros_like(weights[n], dtype=torch.bool) for n in names}
-    protected = {n: _row_best(scores[n], weights[n] > 0) for n in names}  # each (block) row's best valid unit
-    if block_size:  # self-attention: the diagonal tiles instead
-        for n in names:
-            if SiteKind(stats.kinds[n]) is not SiteKind.CROSS:
-                diag = _diagonal_units(*shapes[n], shift[n], unit).expand_as(weights[n])  # (H, Qb, Kb)
-                protected[n] = diag & (weights[n] > 0)
-    if keep_sinks < 0:
-        raise APError(f"keep_sinks must be >= 0 (the first keys every query keeps), got {keep_sinks}")
-    n_keys = max(sinks, keep_sinks) if policy == "sink_window" else keep_sinks
-    memory = [n for n in names if shift[n] > 0]  # keys = memory slots, then the segment (Transformer-XL)
-    if n_keys and memory:
-        # a key slot of a fixed mask is no fixed token there: slots 0..N-1 are the oldest memory slots (empty at a
-        # stream's start), never the stream's first tokens, so "sinks" have no meaning on these sites
-        what = "pruning=sink_window" if policy == "sink_window" else f"pruning.keep_sinks={keep_sinks}"
-        raise APError(f"{what} keeps each row's first keys, but site {memory[0]!r} has memory keys (its first "
-                      f"{shift[memory[0]]} key slots are memory, oldest first, not the stream's first tokens): use "
-                      f"pruning.keep_sinks=0 and another policy, or model.mem_len=0")
-    if n_keys:  # the sink keys (tiles holding one) are always kept
-        n_sink = -(-n_keys // block_size) if block_size else n_keys
-        for n in names:
-            sink = torch.arange(weights[n].shape[-1]) < n_sink  # (Ku,)
-            protected[n] = protected[n] | (sink & (weights[n] > 0))
-            if keep_sinks and SiteKind(stats.kinds[n]) is not SiteKind.CROSS:  # and the diagonal
-                diag = _diagonal_units(*shapes[n], shift[n], unit)  # (Qu, Ku)
-                protected[n] = protected[n] | (diag & (weights[n] > 0))
-
-    # Group the entries that share a threshold.
-    groups: list[tuple[float, list[tuple[str, Optional[int]]]]] = []
-    if scope == "global" and not isinstance(sparsity, dict):  # one threshold over every pruned site
-        if selected:
-            groups.append((float(sparsity), [(n, None) for n in selected]))
-    elif scope == "global":  # one threshold per kind
-        for kind, s in per_kind.items():
-            members = [(n, None) for n in selected if stats.kinds[n] == kind]
-            if members:
-                groups.append((s, members))
-    else:
-        for n in selected:
-            heads = [None] if scope == "layer" else range(stats.sum[n].shape[0])
-            groups += [(per_kind[stats.kinds[n]], [(n, h)]) for h in heads]
-
-    def part(t: dict[str, Tensor], n: str, h: Optional[int]) -> Tensor:
-        return t[n] if h is None else t[n][h]
-
-    for s, members in groups:
-        cat_w = torch.cat([part(weights, n, h).reshape(-1) for n, h in members])
-        cat_k = torch.cat([part(protected, n, h).reshape(-1) for n, h in members])
-        if policy == "sink_window":  # one window for the group
-            cat_d = torch.cat([part(dist, n, h).reshape(-1) for n, h in members])
-            cat_p = _prune_beyond_window(cat_d, cat_w, cat_k, s)
-        else:  # one threshold for the group
-            cat_s = torch.cat([part(scores, n, h).reshape(-1) for n, h in members])
-            cat_p = _prune_lowest(cat_s, cat_w, cat_k, s)
-        offset = 0
-        for n, h in members:
-            view = part(pruned, n, h)
-            view.copy_(cat_p[offset:offset + view.numel()].view_as(view))
-            offset += view.numel()
-
+    policy_sinks = policy.sinks if sinks is None or not policy.sinks else sinks
+    u = Units.of(stats, spec)
+    per_kind = spec.targets()
+    only = None if sites is None else set(sites)
+    selected = [n for n in u.names if (only is None or n in only) and stats.kinds[n] in per_kind]  # sites pruned
+    scores = policy.scores(u, torch.Generator().manual_seed(spec.seed))
+    protected = _protected(u, scores, max(policy_sinks, spec.keep_sinks))
+    pruned = _cut(u, _groups(u, selected), scores, protected, policy.window)
     masks = {}
-    for n in names:
-        if block_size and not tiled:  # tiles back to entries
+    for n in u.names:
+        if spec.block_size and not u.tiled:  # tiles back to entries
             _, q, k = stats.sum[n].shape
-            pruned[n] = pruned[n].repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)[:, :q, :k]
+            pruned[n] = pruned[n].repeat_interleave(spec.block_size, 1).repeat_interleave(spec.block_size, 2)[:, :q, :k]
         keep = ~pruned[n]  # (H, Q, K); tiled: (H, Qb, Kb)
-        if SiteKind(stats.kinds[n]).causal:  # causal-future entries (tiles holding none other) are never kept
-            keep &= _causal_units(*shapes[n], shift[n], stats.tile or 1)
+        if u.kind(n).causal:  # causal-future entries (tiles holding none other) are never kept
+            keep &= _causal_units(*u.shapes[n], u.shift[n], stats.tile or 1)
         masks[n] = keep
     return masks
-
 
 def achieved_by_kind(masks: dict[str, Tensor], stats: AttentionStats) -> dict[str, float]:
     """Fraction of valid entries pruned per site kind (``enc_self``, ``dec_self``, ``cross``), count-weighted."""
