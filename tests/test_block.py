@@ -7,7 +7,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ap.core import AttentionSite, MaskError, attention
-from ap.core.attention import _sdpa_block, block_plan
+from ap.core.attention import block_plan
+from ap.core.attention.block import _sdpa_block
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
 
 
@@ -148,7 +149,7 @@ def test_plan_and_buffers_made_in_inference_mode_train_afterwards():
     the scratch buffers must still serve training (flash path, and the SDPA path that saves plan tensors)."""
     import importlib
 
-    importlib.import_module("ap.core.attention")._scratch_local.__dict__.clear()  # buffers are first made below
+    importlib.import_module("ap.core.attention.block")._scratch_local.__dict__.clear()  # buffers are first made below
     g = torch.Generator().manual_seed(5)
     site = AttentionSite("dec_self", 2, 128, 128, backend="block")
     site.set_mask(torch.rand(2, 128, 128, generator=g) > 0.5)

@@ -1,200 +1,20 @@
-"""One attention function with named backends.
-
-``attention(q, k, v, mask=..., is_causal=..., backend=...)`` is the only place where attention is computed. Backends are
-registered by name (like HF transformers' ``AttentionInterface``):
-
-- ``eager``: explicit ``softmax(q kᵀ · scale + mask) v``; the reference for correctness and the only backend that returns
-  the probabilities (used for calibration).
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; with no mask and ``is_causal`` it is the fused causal
-  kernel (the honest dense baseline), with a bool mask it is a masked dense kernel (correct, not faster).
-- ``auto`` (resolved per call by ``AttentionSite``): on CPU ``block`` when the mask empties at least
-  ``AUTO_SPARSE_MIN_EMPTY`` of the valid 64-tiles of a window of ``AUTO_SPARSE_MIN_LEN`` keys or more (where
-  ``scripts/benchmark.py`` measured it ahead); on CUDA ``flex`` (no attention dropout) when that share of the valid
-  128-blocks is empty from ``AUTO_SPARSE_MIN_LEN_CUDA`` keys (``scripts/gpu_check.py``), never ``block``; else ``sdpa``.
-- ``block``: block-sparse attention from fused kernels, planned once per mask (``BlockPlan``): query tiles are grouped
-  by their number of kept key tiles (and mask pattern); per group one fused call on the gathered kept tiles, so every
-  query row's softmax is computed in one call and pruned tiles never are. On CPU without dropout (the flash path) the
-  calls are PyTorch's CPU flash-attention kernel, with a backward that runs the kernel's flash backward per group (it
-  saves what dense flash attention saves; gathers go to per-thread scratch buffers that are reused, not freed);
-  otherwise (GPU, attention dropout) SDPA with autograd. Forward and backward everywhere; the fastest CPU path for
-  block masks. Per-row masks (padded batches) are planned on every call.
-- ``flex``: FlexAttention (compiled once per shape with ``dynamic=False``) with a ``BlockMask`` built from the
-  bool mask and cached, so tiles with no kept entry are skipped and kept tiles apply the exact element mask. Forward
-  on CPU and GPU; backward only on GPU (torch 2.13 has no CPU backward: asking for it raises). No attention dropout.
-
-Semantics shared by all backends:
-- ``mask`` is bool, broadcastable to ``(B, H, Tq, Tk)``, True = keep.
-- ``bias`` (``eager`` and ``sdpa`` only; others raise): a float score term broadcastable to ``(B, H, Tq, Tk)`` added to
-  the scaled ``q·k`` scores before masking, e.g. Transformer-XL's relative-position term.
-- ``is_causal`` aligns the causal triangle to the bottom-right corner (query ``i`` sees keys ``j <= i + Tk - Tq``), so a
-  single query step against a key cache of length ``Tk`` sees every cached key (incremental decoding).
-- A query row with no kept key outputs zeros (and zero probabilities), never NaN.
-"""
+"""The ``block`` backend: block-sparse attention planned once per mask (``BlockPlan``) from fused kernels."""
 
 from __future__ import annotations
 
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .errors import MaskError
-
-# fn(q, k, v, mask, is_causal, dropout_p, scale, need_probs) -> (out, probs | None)
-Backend = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], bool, float, float, bool], "tuple[Tensor, Optional[Tensor]]"]
-BACKENDS: dict[str, Backend] = {}
-PROB_BACKENDS: set[str] = set()
-BIAS_BACKENDS = {"eager", "sdpa"}  # backends that add a score ``bias`` (called with ``bias=`` only when one is given)
-
-
-def register_backend(name: str, returns_probs: bool = False) -> Callable[[Backend], Backend]:
-    """Register ``fn`` as attention backend ``name``; ``returns_probs`` marks backends usable for calibration."""
-
-    def wrap(fn: Backend) -> Backend:
-        BACKENDS[name] = fn
-        if returns_probs:
-            PROB_BACKENDS.add(name)
-        return fn
-
-    return wrap
-
-
-def needs_grad(*tensors: Tensor) -> bool:
-    """Whether this call builds an autograd graph through any of ``tensors`` (training, as the backends see it)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def causal_mask(tq: int, tk: int, device: torch.device | None = None) -> Tensor:
-    """Bool ``(Tq, Tk)``: True where query ``i`` may see key ``j`` (bottom-right aligned)."""
-    i = torch.arange(tq, device=device)[:, None] + (tk - tq)  # (Tq, 1)
-    j = torch.arange(tk, device=device)[None, :]  # (1, Tk)
-    return j <= i
-
-
-def _keep(mask: Optional[Tensor], is_causal: bool, tq: int, tk: int, device: torch.device) -> Optional[Tensor]:
-    """Combine an optional bool mask with the causal triangle into one bool keep-mask (or None if nothing is masked)."""
-    if not is_causal:
-        return mask
-    causal = causal_mask(tq, tk, device)  # (Tq, Tk)
-    return causal if mask is None else mask & causal
-
-
-@register_backend("eager", returns_probs=True)
-def eager_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, dropout_p: float, scale: float,
-    need_probs: bool, bias: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
-    tq, tk = q.shape[-2], k.shape[-2]
-    att = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    if bias is not None:
-        att = att + bias
-    keep = _keep(mask, is_causal, tq, tk, q.device)
-    if keep is not None:
-        # finfo.min (not -inf) keeps fully masked rows finite in forward and backward; they are zeroed below.
-        att = att.masked_fill(~keep, torch.finfo(att.dtype).min)
-    probs = att.softmax(dim=-1)  # (B, H, Tq, Tk)
-    if keep is not None:
-        probs = probs * keep.any(dim=-1, keepdim=True)  # rows with no kept key -> 0, like SDPA
-    out = F.dropout(probs, p=dropout_p) @ v if dropout_p > 0 else probs @ v  # (B, H, Tq, D)
-    return out, (probs if need_probs else None)
-
-
-@register_backend("sdpa")
-def sdpa_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, dropout_p: float, scale: float,
-    need_probs: bool, bias: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
-    tq, tk = q.shape[-2], k.shape[-2]
-    if bias is not None:  # a float mask: the bias, -inf where not kept; rows with no kept key give 0
-        keep = _keep(mask, is_causal, tq, tk, q.device)
-        scores = bias if keep is None else bias.masked_fill(~keep, float("-inf"))  # (B|1, H, Tq, Tk)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores.to(q.dtype), dropout_p=dropout_p, scale=scale)
-        return (out if keep is None else torch.where(keep.any(-1, keepdim=True), out, 0.0)), None
-    if mask is None and (not is_causal or tq == tk):
-        # Fused path: SDPA's own is_causal is top-left aligned, which equals ours only when Tq == Tk.
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-    else:
-        keep = _keep(mask, is_causal, tq, tk, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=scale)
-    return out, None
-
-
-def tile_sum(x: Tensor, bs: int, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``(..., Q, K)`` → ``(..., ceil(Q/bs), ceil(K/bs))``: sums over ``bs × bs`` tiles (edges zero-padded),
-    accumulated in ``dtype`` (default: ``x``'s)."""
-    q, k = x.shape[-2:]
-    if k % bs or q % bs:
-        x = F.pad(x, (0, -k % bs, 0, -q % bs))  # (..., Qb*bs, Kb*bs)
-    return x.unflatten(-1, (-1, bs)).unflatten(-3, (-1, bs)).sum(dim=(-3, -1), dtype=dtype)
-
-
-def empty_tiles(keep: Tensor, valid: Tensor, bs: int) -> tuple[int, int]:
-    """``(tiles whose valid entries are all pruned, tiles with a valid entry)`` for bool ``keep``/``valid (..., Q, K)``."""
-    has_valid = tile_sum(valid.double(), bs) > 0  # (..., Qb, Kb)
-    has_kept = tile_sum((keep & valid).double(), bs) > 0
-    return int((has_valid & ~has_kept).sum()), int(has_valid.expand_as(has_kept).sum())
-
-
-FLEX_BLOCK_SIZE = 64  # FlexAttention tile (queries x keys) on CPU: 64 beat 128 and 256 on 2 CPU cores
-# On CUDA flex's Triton kernels tile 128 x 64 (forward) and 64 x 128 (backward) on Hopper: 64-blocks do not compile
-# there ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N", torch 2.11 on an H200, scripts/gpu_check.py)
-FLEX_BLOCK_SIZE_CUDA = 128
-_flex_compiled: Optional[Callable[..., Tensor]] = None
-
-
-def flex_block_size(device: torch.device | str) -> int:
-    """The FlexAttention ``BlockMask`` tile on ``device``: 128 on CUDA, 64 elsewhere."""
-    return FLEX_BLOCK_SIZE_CUDA if torch.device(device).type == "cuda" else FLEX_BLOCK_SIZE
-
-
-def flex_block_mask(keep: Tensor, block_size: Optional[int] = None) -> Any:
-    """A FlexAttention ``BlockMask`` for a bool ``keep`` broadcastable to ``(B, H, Tq, Tk)``, with ``block_size`` tiles
-    (default: ``flex_block_size`` of the mask's device). Kept tiles apply the exact element mask."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    block_size = block_size or flex_block_size(keep.device)
-    while keep.dim() < 4:
-        keep = keep[None]
-    b, h, tq, tk = keep.shape
-    with torch.inference_mode(False):  # a BlockMask cached during evaluation is used in training too: normal tensors
-        keep = keep.clone()
-
-        def mask_mod(bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-            return keep[bi if b > 1 else 0, hi if h > 1 else 0, qi, ki]
-
-        return create_block_mask(mask_mod, b if b > 1 else None, h if h > 1 else None, tq, tk, device=keep.device,
-                                 BLOCK_SIZE=block_size)
-
-
-@register_backend("flex")
-def flex_backend(
-    q: Tensor, k: Tensor, v: Tensor, mask: Any, is_causal: bool, dropout_p: float, scale: float, need_probs: bool,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """``mask``: a bool tensor (a ``BlockMask`` is built per call) or a prepared ``BlockMask`` (callers cache it)."""
-    global _flex_compiled
-    if dropout_p > 0:
-        raise MaskError("the flex backend has no attention dropout: use it in eval mode, with dropout 0 "
-                        "(e.g. model.dropout=0.0) or with model.backend=auto (it picks another backend with dropout)")
-    if q.device.type == "cpu" and needs_grad(q, k, v):
-        raise MaskError("flex attention has no backward on CPU (torch 2.13): train with backend sdpa or eager, "
-                        "use flex for inference or on a GPU")
-    if mask is None or isinstance(mask, Tensor):
-        tq, tk = q.shape[-2], k.shape[-2]
-        keep = _keep(mask, is_causal, tq, tk, q.device)
-        mask = flex_block_mask(keep if keep is not None else torch.ones(tq, tk, dtype=torch.bool, device=q.device))
-    elif is_causal:
-        raise MaskError("pass causality inside the BlockMask for the flex backend")
-    if _flex_compiled is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    return _flex_compiled(q, k, v, block_mask=mask, scale=scale), None  # rows with no kept key give 0
-
+from ..errors import MaskError
+from .common import keep_with_causal, needs_grad
+from .registry import register_backend
 
 BLOCK_TILE = 64  # query/key tile of the block backend (matches FLEX_BLOCK_SIZE and pruning.block_size=64)
 _NEG_INF = float("-inf")
@@ -435,7 +255,7 @@ def block_backend(
             raise MaskError("pass causality inside the BlockPlan for the block backend")
         plan = mask
     else:
-        keep = _keep(mask, is_causal, tq, k.shape[-2], q.device)
+        keep = keep_with_causal(mask, is_causal, tq, k.shape[-2], q.device)
         keep = keep if keep is not None else torch.ones(tq, k.shape[-2], dtype=torch.bool, device=q.device)
         keep = keep.expand(*keep.shape[:-2], tq, k.shape[-2])  # a mask broadcast over queries or keys
         while keep.dim() < 3:
@@ -455,37 +275,3 @@ def block_backend(
             return _FlashBlockAttention.apply(q, k, v, plan, scale), None
         return _flash_forward(q, k, v, plan, scale)[0].view(b, h, -1, d)[:, :, :tq], None
     return _sdpa_block(q, k, v, plan, dropout_p, scale), None
-
-
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    mask: Optional[Tensor | Any] = None,
-    is_causal: bool = False,
-    backend: str = "sdpa",
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-    need_probs: bool = False,
-    bias: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Attention over ``q (B, H, Tq, D)``, ``k, v (B, H, Tk, D)`` → ``(out (B, H, Tq, D), probs (B, H, Tq, Tk) | None)``.
-
-    ``mask``: bool, broadcastable to ``(B, H, Tq, Tk)``, True = keep (the flex backend also takes a prepared
-    ``BlockMask``). ``need_probs`` requires a backend that computes them. ``bias``: float scores added to the scaled
-    ``q·k`` (``BIAS_BACKENDS`` only).
-    """
-    if backend not in BACKENDS:
-        raise MaskError(f"unknown attention backend {backend!r}; choose one of {sorted(BACKENDS)} (attention.backend=...)")
-    if need_probs and backend not in PROB_BACKENDS:
-        raise MaskError(f"backend {backend!r} does not return attention probabilities; use one of {sorted(PROB_BACKENDS)}")
-    if isinstance(mask, Tensor) and mask.dtype != torch.bool:
-        raise MaskError(f"attention masks must be bool (True = keep), got {mask.dtype}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if bias is not None:
-        if backend not in BIAS_BACKENDS:
-            raise MaskError(f"backend {backend!r} cannot add a score bias (e.g. Transformer-XL's relative positions); "
-                            f"use one of {sorted(BIAS_BACKENDS)}")
-        return BACKENDS[backend](q, k, v, mask, is_causal, dropout_p, scale, need_probs, bias=bias)
-    return BACKENDS[backend](q, k, v, mask, is_causal, dropout_p, scale, need_probs)
