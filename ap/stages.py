@@ -189,7 +189,7 @@ def check_state_dict(state: dict[str, Any], module: pl.LightningModule, source: 
 
 
 # --- stage cache helpers ------------------------------------------------------------------------------------------
-NOT_COMPUTING = ("collect.py", "report.py")  # modules of ap that compute no stage product: out of the source hash
+NOT_COMPUTING = ("collect/", "report.py")  # modules (packages: "x/") of ap that compute no stage product: not hashed
 
 
 def versions(cfg: Optional[DictConfig] = None) -> dict[str, Any]:
@@ -214,8 +214,9 @@ def _source_hash() -> str:
     h = hashlib.sha256()
     root = Path(ap.__file__).parent
     for path in sorted(root.rglob("*.py")):
-        if path.relative_to(root).as_posix() not in NOT_COMPUTING:
-            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+        rel = path.relative_to(root).as_posix()
+        if not any(rel == n or (n.endswith("/") and rel.startswith(n)) for n in NOT_COMPUTING):
+            h.update(rel.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 

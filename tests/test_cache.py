@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -364,3 +365,26 @@ def test_what_can_change_a_product_stays_in_the_keys(tiny_cfg, tmp_path):
     assert all_keys(compose_cfg(cfg))["dense"] == sst2  # a sibling task's files
     (glue / "SST-2" / "train.tsv").write_text("sentence\tlabel\nother\t0\n")
     assert all_keys(compose_cfg(cfg))["dense"] != sst2
+
+
+def test_the_source_hash_covers_computing_modules_only(tmp_path, monkeypatch):
+    import ap
+    from ap import stages
+
+    copy = tmp_path / "ap"
+    shutil.copytree(Path(ap.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(ap, "__file__", str(copy / "__init__.py"))
+
+    def source_hash() -> str:
+        stages._source_hash.cache_clear()
+        return stages._source_hash()
+
+    try:
+        before = source_hash()
+        for path in ("collect/plots.py", "report.py"):  # tables and plots of finished runs: no stage product
+            (copy / path).write_text((copy / path).read_text() + "\n# edited\n")
+            assert source_hash() == before, path
+        (copy / "core/attention/block.py").write_text((copy / "core/attention/block.py").read_text() + "\n# edited\n")
+        assert source_hash() != before
+    finally:
+        stages._source_hash.cache_clear()

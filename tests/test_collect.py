@@ -346,7 +346,7 @@ def test_paths_are_settings_and_runs_of_one_seed_are_never_averaged(tmp_path):
 def test_dense_reference_lines_are_per_model_variant_and_kinds_are_the_models(tmp_path):
     """Transformer-XL with mem_len 0 and 128 are two dense models: two reference values, never their blend; the kinds
     column names the kinds the model has and were pruned (a causal LM: dec_self)."""
-    from ap.collect import _reference
+    from ap.collect.plots import _reference
 
     for seed in (0, 1):
         for mem, dense in ((0, 53.55), (128, 55.24)):
