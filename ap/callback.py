@@ -3,8 +3,8 @@
 Attach it to the trainer of the fine-tune stage. At ``on_fit_start`` (or at the start of a ``trainer.validate`` run
 before ``fit``, to measure the pruned model before fine-tuning) it
 1. gets a ``MaskSet``: restored from a resumed checkpoint, loaded from ``masks_path``, thresholded from saved
-   statistics (``stats_path``, or what ``stats_provider`` returns: ``ap.stages`` serves them from the stage cache), or
-   calibrated: one pass over the train split (eval mode, no gradients), statistics all-reduced across DDP ranks, then
+   statistics (``stats_path``, or what ``stats_provider`` returns: ``ap.pipeline.stages`` serves them from the stage
+   cache), or calibrated: one pass over the train split (eval mode, no gradients), statistics all-reduced across DDP ranks, then
    thresholded;
 2. writes ``stats.pt``, ``masks.pt`` and heatmaps into ``output_dir`` (rank zero; existing files are never overwritten);
 3. re-initialises the weights if ``reinit`` (the paper's LM/MT recipe), and installs the masks into every site.
@@ -68,7 +68,7 @@ class AttentionPruning(pl.Callback):
         self.stats: Optional[AttentionStats] = None
         self.timing: dict[str, float] = {}
         self.carried: dict[str, Any] = {}  # saved with the masks in checkpoints, restored on resume
-        # optional: called with the calibration function, returns the statistics (ap.stages: from the stage cache)
+        # optional: called with the calibration function, returns the statistics (ap.pipeline.stages: stage cache)
         self.stats_provider: Optional[Callable[[Callable[[], AttentionStats]], AttentionStats]] = None
         self._restored = self._reinitialized = self._written = False
 

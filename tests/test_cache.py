@@ -1,5 +1,5 @@
-"""The stage cache (ap/cache.py) and the stages that use it (ap/stages.py): keys, atomic entries, one builder,
-corrupt entries, and results that never depend on hit or miss."""
+"""The stage cache (ap/pipeline/cache.py) and the stages that use it (ap/pipeline/stages.py): keys, atomic entries,
+one builder, corrupt entries, and results that never depend on hit or miss."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from ap.cache import StageCache, key_of, verify
+from ap.pipeline.cache import StageCache, key_of, verify
 from ap.config import pruning_config
 from ap.core import APError
 from ap.run import run
-from ap.stages import calibration_payload, dense_ft_payload, dense_identity
+from ap.pipeline.keys import calibration_payload, dense_ft_payload, dense_identity
 from conftest import write_tiny_wikitext
 
 
@@ -264,7 +264,7 @@ def test_followers_stop_when_rank_zero_fails_or_disagrees(tmp_path, monkeypatch)
     with pytest.raises(APError, match="differs from rank zero's"):  # e.g. data files that differ between nodes
         StageCache(root, run_dir).fetch("dense", {"a": 2}, counting_build(tmp_path / "log"))
     monkeypatch.setenv("AP_LAUNCH", "a later attempt")  # a decision of an earlier attempt is not followed
-    monkeypatch.setattr("ap.cache.WAIT_S", 0.3)
+    monkeypatch.setattr("ap.pipeline.cache.WAIT_S", 0.3)
     with pytest.raises(APError, match="no decision from rank zero"):
         StageCache(root, run_dir).fetch("dense", {"a": 1}, counting_build(tmp_path / "log"))
 
@@ -298,7 +298,7 @@ def test_lanes_of_killed_builders_are_cleared_and_a_foreign_folder_is_an_error(t
 
 # --- what the keys hold -------------------------------------------------------------------------------------------
 def all_keys(cfg, pretrained: bool = False) -> dict[str, str]:
-    from ap.stages import dense_eval_payload
+    from ap.pipeline.keys import dense_eval_payload
 
     pruning = pruning_config(cfg)
     dense = key_of(dense_identity(cfg, pruning, pretrained))
@@ -316,7 +316,7 @@ def all_keys(cfg, pretrained: bool = False) -> dict[str, str]:
 def test_evaluation_settings_stay_out_of_the_weights_key(tiny_cfg, tmp_path, task, override):
     """Evaluation-only settings change the keys of what holds evaluation results (dense_eval, dense_ft), never the
     dense weights'; calibration's only where it reads them (its batch size)."""
-    from ap.cache import CALIBRATION_READS
+    from ap.pipeline.cache import CALIBRATION_READS
 
     from conftest import compose_cfg
 
@@ -338,7 +338,7 @@ def test_what_can_change_a_product_stays_in_the_keys(tiny_cfg, tmp_path):
     own folder."""
     from conftest import compose_cfg
 
-    from ap.stages import model_source, versions
+    from ap.pipeline.keys import model_source, versions
 
     base = all_keys(tiny_cfg())
     assert all_keys(tiny_cfg("trainer.limit_val_batches=0"))["dense"] != base["dense"]
@@ -369,7 +369,7 @@ def test_what_can_change_a_product_stays_in_the_keys(tiny_cfg, tmp_path):
 
 def test_the_source_hash_covers_computing_modules_only(tmp_path, monkeypatch):
     import ap
-    from ap import stages
+    from ap.pipeline import keys as stages
 
     copy = tmp_path / "ap"
     shutil.copytree(Path(ap.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))

@@ -9,7 +9,7 @@ import torch
 
 from ap.core import MaskSet
 from ap.data.wikitext import read_tokens
-from ap.run import evaluate
+from ap.pipeline import evaluate
 from ap.tasks import build
 from conftest import TINY, compose_cfg
 from test_pipeline import run_cli

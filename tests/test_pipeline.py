@@ -277,7 +277,7 @@ def test_wandb_stages_are_runs_of_their_own(tiny_cfg, tmp_path):
     """wandb keeps stages apart as runs of one group (job_type = stage); prefix-only loggers get the stage prefix."""
     from pytorch_lightning.loggers import WandbLogger
 
-    from ap.run import stage_loggers
+    from ap.pipeline import stage_loggers
 
     cfg = tiny_cfg("logger=wandb", "logger.wandb.offline=true", out=tmp_path / "r")
     (dense,), (final,) = stage_loggers(cfg, "dense"), stage_loggers(cfg, "final_eval")
