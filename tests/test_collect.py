@@ -182,6 +182,28 @@ def test_cli(sweep, tmp_path):
     assert len(empty.stderr.strip().splitlines()) == 1
 
 
+
+def test_kept_runs_collect_again_to_the_same_tables(sweep, tmp_path):
+    """--keep-runs copies what collecting reads (no weights), the tables come from the copies, collecting the copies
+    again gives the same tables, and a second --keep-runs into the same folder is refused without touching it."""
+    (sweep / "0_lm_sample_ap50" / "masks.pt").write_bytes(b"x" * 100)
+    out = tmp_path / "kept"
+    proc = run_cli(str(sweep), "--out", str(out), "--keep-runs", "--paper", "none")
+    assert proc.returncode == 0, proc.stderr
+    kept = sorted(p.relative_to(out / "runs") for p in (out / "runs").rglob("*") if p.is_file())
+    assert Path(sweep.name, "0_lm_sample_ap50", "results.json") in kept
+    assert Path(sweep.name, "0_lm_sample_ap50", ".hydra", "overrides.yaml") in kept
+    assert not any(p.name == "masks.pt" for p in kept)
+    first = (out / "summary.md").read_text()
+    assert re.search(r"\|\s*n\s*\|", first) and "random50" in first
+    again = run_cli(str(out / "runs"), "--out", str(tmp_path / "again"), "--paper", "none")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "summary.md").read_text() == first
+    before = sorted((out / "runs").rglob("*"))
+    refused = run_cli(str(sweep), "--out", str(out), "--keep-runs")
+    assert refused.returncode == 2 and "already holds runs" in refused.stderr
+    assert sorted((out / "runs").rglob("*")) == before
+
 # --- the paper's numbers beside ours --------------------------------------------------------------------------------
 
 # val/ppl after fine-tuning (before it) per label; dense+ft is 50.0: ap50 is within 2 %, ap90 is not
@@ -369,13 +391,15 @@ def test_curves_say_what_they_show(tmp_path, monkeypatch):
 
     figures = []
     monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
-    for i, (label, ppl) in enumerate((("ap50", 20.0), ("ap90", 2300.0))):
+    for i, (label, ppl) in enumerate((("ap50", 20.0), ("ap90", 2300.0), ("random50", 40.0))):
         r = lm_results(label, 0)
         r["finetune"] = False
         r["config"]["pruning"]["finetune"] = False
         r["metrics"]["val/ppl"] = ppl
         write_run(tmp_path / "free" / str(i), r)
     runs, _ = load_runs([tmp_path / "free"])
+    text = markdown(summarize(runs), pd.DataFrame(columns=["run", "status", "error", "overrides"]))
+    assert "at each target (training-free)" in text and "fine-tun" not in text
     plot_curves(runs, tmp_path / "curves")
     ax = next(f.axes[0] for f in figures if f.axes[0].get_ylabel().startswith("val/ppl"))
     legend = [t.get_text() for t in ax.get_legend().get_texts()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -46,6 +47,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="folders searched for results.json (sweeps, outputs/)")
     parser.add_argument("--out", type=Path, help="output folder (default: <first folder>/collected)")
     parser.add_argument("--csv", type=Path, help="also write runs.csv to this file")
+    parser.add_argument("--keep-runs", action="store_true",
+                        help="also copy each run's results.json, .hydra/*.yaml and run.log to <out>/runs/, so the "
+                             "tables can be collected again from <out>/runs (what experiments/results/ commits)")
     parser.add_argument("--paper", default=None, metavar="FILE|none",
                         help="the paper's numbers to print beside ours (default: experiments/paper_results.yaml when "
                              "it exists; none: leave them out)")
@@ -61,7 +65,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             paper = load_paper_results(PAPER_RESULTS) if PAPER_RESULTS.is_file() else None
         else:
             paper = None if args.paper.lower() == "none" else load_paper_results(args.paper)
-        paths = write_report(args.folders, args.out, paper)
+        folders, out = args.folders, args.out
+        if args.keep_runs:  # the tables then come from the copies: what collecting the archive again gives
+            out = out if out is not None else folders[0] / "collected"
+            keep_runs(folders, out / "runs")
+            folders = [out / "runs"]
+        paths = write_report(folders, out, paper)
     except (NoResults, BadPaperResults) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -72,6 +81,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.wandb:
         log_to_wandb(args.folders, paths)
     return 0
+
+
+KEPT_FILES = ("results.json", ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "run.log")
+
+
+def keep_runs(folders: Sequence[Path], dest: Path) -> list[Path]:
+    """Copy what collecting reads of every run below ``folders`` (``KEPT_FILES``, a few kB a run: no weights, masks or
+    statistics) to ``dest/<folder name>/<run path below it>``. Refuses a ``dest`` that already holds runs, so a
+    committed archive is never mixed with or overwritten by another collection."""
+    if dest.exists() and any(dest.iterdir()):
+        raise NoResults(f"{dest} already holds runs: delete it (or pick another --out) to keep these runs there")
+    names = [Path(f).resolve().name for f in folders]
+    if len(set(names)) < len(names):
+        raise NoResults(f"--keep-runs needs folders of distinct names (got {', '.join(names)})")
+    kept = []
+    for run_dir in run_dirs(folders):
+        top = next(Path(f).resolve() for f in folders if run_dir.is_relative_to(Path(f).resolve()))
+        target = dest / top.name / run_dir.relative_to(top)
+        for name in KEPT_FILES:
+            if (run_dir / name).is_file():
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(run_dir / name, target / name)
+        kept.append(target)
+    return kept
 
 
 def log_to_wandb(folders: list[Path], paths: dict[str, Path]) -> None:

@@ -50,7 +50,7 @@ def load_runs(folders: Iterable[Path | str]) -> tuple[pd.DataFrame, pd.DataFrame
     rows, failed, configs = [], [], []
     for run_dir in run_dirs(folders):
         path = run_dir / "results.json"
-        info = {"run": str(run_dir), "overrides": _overrides(run_dir)}
+        info = {"run": _shown(run_dir), "overrides": _overrides(run_dir)}
         if not path.exists():
             failed.append({**info, "status": "no results.json", "error": "", "log_tail": _log_tail(run_dir)})
             continue
@@ -149,11 +149,14 @@ def _model_name(model: dict[str, Any]) -> Optional[str]:
         if name.startswith("pkg://"):
             return name.removeprefix("pkg://").split("/")[0]
         return Path(name.rstrip("/")).name
-    if model.get("arch"):
+    if model.get("arch"):  # a fairseq architecture (and the LM's of older results)
         return str(model["arch"])
-    if "n_layers" in model:
+    # a model config class: TransformerXLConfig -> transformer_xl; the plain LM by its sizes
+    name = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", model.get("_target_", "").rsplit(".", 1)[-1].removesuffix("Config"))
+    name = name.lower()
+    if "n_layers" in model and name in ("", "transformer_lm"):
         return f"transformer_lm_L{model['n_layers']}_d{model.get('d_model')}"
-    return model.get("_target_", "").rsplit(".", 1)[-1] or None
+    return name or None
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -186,6 +189,12 @@ def _experiment(run_dir: Path) -> Optional[str]:
         return None
     choice = ((hydra.get("runtime") or {}).get("choices") or {}).get("experiment")
     return str(choice) if choice not in (None, "null") else None
+
+
+def _shown(run_dir: Path) -> str:
+    """A run folder as a table shows it: relative to the working directory when below it (tables stay portable)."""
+    return str(run_dir.relative_to(Path.cwd().resolve())) if run_dir.is_relative_to(Path.cwd().resolve()) \
+        else str(run_dir)
 
 
 def _overrides(run_dir: Path) -> str:

@@ -59,7 +59,9 @@ def markdown(summary: pd.DataFrame, failed: pd.DataFrame, paper: Optional[dict] 
                 + f"{table.to_markdown(index=False, disable_numparse=True, colalign=align)}\n")
         versus = _versus(part)
         if versus:
-            text += ("\nAP against the other policies at each target (after fine-tuning; before it in brackets):\n\n"
+            free = "finetune" in part and not part["finetune"].fillna(True).astype(bool).any()
+            when = "training-free" if free else "after fine-tuning; before it in brackets"
+            text += (f"\nAP against the other policies at each target ({when}):\n\n"
                      + versus + "\n")
         if claims:
             text += "\n" + "".join(f"- {claim_line(claim, part)}\n" for claim in claims)
