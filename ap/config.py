@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
+import hydra.utils
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, DictConfig, OmegaConf
 
@@ -169,10 +170,16 @@ def check(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") and cfg.pruning.get("dense_ckpt"):
         raise APError("give either ckpt_path (resume a run) or pruning.dense_ckpt (start from dense weights), not both")
     sinks = spec.keep_sinks or spec.policy.value == "sink_window"
-    if sinks and cfg.get("model", {}).get("arch") == "transformer_xl" and (cfg.model.get("mem_len") or 0) > 0:
+    if sinks and has_memory(cfg.get("model") or {}) and (cfg.model.get("mem_len") or 0) > 0:
         raise APError("pruning.keep_sinks / pruning=sink_window keep each row's first keys, but Transformer-XL's first "
                       "key slots are its memory (oldest first), not the stream's first tokens: use "
                       "pruning.keep_sinks=0 and another policy, or model.mem_len=0")
+
+
+def has_memory(model: Any) -> bool:
+    """Does the model config (``_target_``: a model config class) describe a model with memory across segments?"""
+    target = model.get("_target_") if hasattr(model, "get") else None
+    return bool(target) and bool(getattr(hydra.utils.get_class(target), "memory", False))
 
 
 def resolved(cfg: Any) -> dict[str, Any]:

@@ -161,12 +161,12 @@ def test_evaluation_clocks_wait_for_cuda_kernels(monkeypatch):
     task = clm.CausalLMTask.__new__(clm.CausalLMTask)
     pl.LightningModule.__init__(task)
     task.model = lambda **kw: events.append("forward") or SimpleNamespace(loss=torch.tensor(2.0))
-    task._eval_epoch_start()
-    task._eval_step(torch.zeros(1, 8, dtype=torch.long))
+    task.eval_start("val")
+    task.eval_step(torch.zeros(1, 8, dtype=torch.long), "val")
     assert events == ["forward", "clock", "forward", "clock"]  # CPU: nothing to wait for; the warm-up first
     events.clear()
     task._device = torch.device("cuda", 0)
-    task._eval_step(torch.zeros(1, 8, dtype=torch.long))
+    task.eval_step(torch.zeros(1, 8, dtype=torch.long), "val")
     assert events == ["sync", "clock", "forward", "sync", "clock"]  # a shape seen: no warm-up
 
 

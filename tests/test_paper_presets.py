@@ -14,7 +14,8 @@ from test_sweep_configs import compose_full, expand
 def test_paper_wt103_is_the_base_transformer_xl_retrained_with_masks():
     cfg = compose_full("experiment=paper_wt103")
     m = cfg.model
-    assert (m.arch, m.n_layers, m.d_model, m.n_heads, m.d_head, m.d_inner) == ("transformer_xl", 16, 410, 10, 41, 2100)
+    assert (m._target_, m.n_layers, m.d_model, m.n_heads, m.d_head, m.d_inner) == (
+        "ap.models.transformer_xl.TransformerXLConfig", 16, 410, 10, 41, 2100)
     assert (m.tgt_len, m.mem_len, m.clamp_len, list(m.cutoffs)) == (150, 150, 400, [20000, 40000, 200000])
     assert cfg.pruning.reinit and cfg.task.dense.max_steps == 200000 and cfg.task.dense.lr == 2.5e-4
     assert cfg.data.name == "wikitext103" and cfg.data.batch_size == 60

@@ -213,8 +213,8 @@ def test_curve_preset_spans_20_to_90_percent_with_random_beside_ap(preset):
 
 
 def test_txl_curve_runs_transformer_xl_with_memory():
-    assert {(j.model.arch, j.model.mem_len > 0, j.model.eval_memory) for j in job_configs("sweep_txl_sample")} == {
-        ("transformer_xl", True, True)}
+    assert {(j.model._target_, j.model.mem_len > 0, j.model.eval_memory) for j in job_configs("sweep_txl_sample")} == {
+        ("ap.models.transformer_xl.TransformerXLConfig", True, True)}
 
 
 def test_wmt_kinds_preset_prunes_each_kind_alone_and_all_together():

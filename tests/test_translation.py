@@ -387,11 +387,10 @@ def test_checkpoint_trusted_reaches_the_loader() -> None:
     """model.checkpoint_trusted composes for every fairseq model config and is passed to load_checkpoint."""
     import inspect
 
-    import ap.tasks as tasks
 
     for model in ("transformer_mt_small", "transformer_wmt_en_de", "transformer_iwslt_de_en"):
         assert compose_cfg(["task=wmt", f"model={model}", "model.checkpoint_trusted=true"]).model.checkpoint_trusted
-    assert "checkpoint_trusted=m.get(\"checkpoint_trusted\", False)" in inspect.getsource(tasks._build_wmt)
+    assert "checkpoint_trusted=m.get(\"checkpoint_trusted\", False)" in inspect.getsource(TranslationTask.build)
     assert "trusted=checkpoint_trusted" in inspect.getsource(TranslationTask.__init__)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,10 @@ class TransformerLMConfig:
     dropout: float = 0.1
     backend: str = "sdpa"  # attention backend outside calibration (ap.core.attention.BACKENDS)
     tie_embeddings: bool = True
+    memory: ClassVar[bool] = False  # no memory across batches: task=lm reads independent blocks
+
+    def build(self) -> "TransformerLM":
+        return TransformerLM(self)
 
 
 class CausalSelfAttention(nn.Module):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,10 @@ class TransformerXLConfig:
     div_value: float = 4.0  # adaptive softmax: each tail cluster's projection is div_value times smaller
     pre_lnorm: bool = False  # LayerNorm before each sub-layer (the reference's default is after)
     backend: str = "sdpa"  # attention backend outside calibration: eager | sdpa (the position term is a score bias)
+    memory: ClassVar[bool] = True  # memory across segments: task=lm reads ordered streams (ap.tasks.lm)
+
+    def build(self) -> "TransformerXL":
+        return TransformerXL(self)
 
 
 class XLOutput(NamedTuple):

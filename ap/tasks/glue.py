@@ -22,6 +22,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -29,6 +31,9 @@ from ap.core.errors import APError
 from ap.data import glue
 from ap.data.loaders import calibration_loader, eval_loader, gather_lists, rank_world, train_loader
 from ap.models.hf import attach_sites
+
+from . import optim
+from .base import PrunableTask
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +118,14 @@ class GlueDataModule(pl.LightningDataModule):
                             num_workers=self.num_workers) for split in self.spec.dev_files]
 
 
-class GlueTask(pl.LightningModule):
+class GlueTask(PrunableTask):
     """``AutoModelForSequenceClassification`` with an ``AttentionSite`` in every self-attention module.
 
     ``new_head``: replace the checkpoint's classification head by a new one for this task (else a checkpoint's head is
     kept, with its label order mapped to the task's; a checkpoint without a head always gets a new one).
     """
+
+    test_split = False  # GLUE's test sets have no labels
 
     def __init__(self, name_or_path: str, task: str, max_seq_len: int = 128, lr: float = 5e-5,
                  weight_decay: float = 0.01, warmup_ratio: float = 0.1, backend: str = "sdpa",
@@ -133,6 +140,13 @@ class GlueTask(pl.LightningModule):
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps sub-module modes as they are
         self.lr = lr
         self._outputs: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    @classmethod
+    def build(cls, cfg: DictConfig) -> tuple[pl.LightningDataModule, PrunableTask]:
+        dm = instantiate(cfg.data, task=cfg.task.name, tokenizer=cfg.model.name_or_path, seed=cfg.seed)
+        module = instantiate(cfg.task.module, name_or_path=cfg.model.name_or_path, task=cfg.task.name,
+                             max_seq_len=cfg.data.max_seq_len, backend=cfg.model.backend, _convert_="all")
+        return dm, module
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Logits ``(B, C)`` in the task's class order (``C = 1`` for STS-B's regression)."""
@@ -152,15 +166,19 @@ class GlueTask(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_validation_epoch_start(self) -> None:
+    def eval_start(self, split: str) -> None:
         self._outputs = {}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.eval_step(batch, "val", dataloader_idx)  # (MNLI validates on two dev sets: matched, mismatched)
+
+    def eval_step(self, batch: dict[str, Tensor], split: str, dataloader_idx: int = 0) -> None:
         logits = self(batch)  # (B, C)
         preds = logits.squeeze(-1) if self.spec.labels is None else logits.argmax(-1)
         self._outputs.setdefault(dataloader_idx, []).append((preds.detach(), batch["labels"]))
 
-    def on_validation_epoch_end(self) -> None:
+    def eval_end(self, split: str) -> None:
+        """GLUE's metrics on every rank's predictions; the dev sets are the validation (GLUE's test has no labels)."""
         world = self.trainer.world_size
         for idx, prefix in enumerate(self.spec.dev_files):
             outputs = self._outputs.get(idx, [])
@@ -172,18 +190,10 @@ class GlueTask(pl.LightningModule):
                 self.log(f"{prefix}/{name}", value, prog_bar=name == self.spec.metrics[0], add_dataloader_idx=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay = [p for n, p in self.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in self.named_parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+        opt = optim.adamw(optim.decay_groups(self, self.hparams.weight_decay), lr=self.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(self.hparams.warmup_ratio * total))
-
-        def schedule(step: int) -> float:  # linear warm-up, linear decay (the BERT recipe)
-            return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return optim.per_step(opt, optim.warmup_linear(warmup, total))
 
 
 def load_classifier(path: str, task: str, spec: glue.GlueTask, new_head: bool) -> tuple[nn.Module, list[int]]:

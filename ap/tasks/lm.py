@@ -6,19 +6,23 @@ Metrics: ``train/loss``, ``val/loss``, ``val/ppl``, ``test/loss``, ``test/ppl`` 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional
 
+import hydra.utils
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ap.core.errors import APError
 from ap.data import loaders, wikitext
-from ap.models.transformer_lm import TransformerLM, TransformerLMConfig
-from ap.models.transformer_xl import TransformerXL, TransformerXLConfig, XLOutput
+from ap.models.transformer_xl import XLOutput
+
+from . import optim
+from .base import PrunableTask
 
 
 class LMDataModule(pl.LightningDataModule):
@@ -73,31 +77,45 @@ class LMDataModule(pl.LightningDataModule):
                                    num_workers=self.num_workers)
 
 
-class LanguageModelTask(pl.LightningModule):
+class LanguageModelTask(PrunableTask):
     """Next-token prediction with a causal ``TransformerLM``; AdamW with linear warm-up and cosine decay."""
 
     def __init__(self, model: dict[str, Any], vocab_size: int, lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = self.build_model(model, vocab_size)
+        self.model = build_model(model, vocab_size)
         self.lr = lr
         self._eval_sums = torch.zeros(2, dtype=torch.float64)  # (sum of token NLL, tokens) of the running eval epoch
 
-    @staticmethod
-    def build_model(model: dict[str, Any], vocab_size: int) -> TransformerLM:
-        fields = {k: v for k, v in model.items() if k != "arch"}
-        return TransformerLM(TransformerLMConfig(**{**fields, "vocab_size": vocab_size}))
+    @classmethod
+    def build(cls, cfg: DictConfig) -> tuple[pl.LightningDataModule, PrunableTask]:
+        """The model config's class (``model._target_``) decides how the data is read: independent blocks of
+        ``data.block_len`` tokens, or, for a model with memory (``TransformerXLConfig``), ordered streams read in
+        segments of ``model.tgt_len`` by a ``TransformerXLTask``."""
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        if not issubclass(hydra.utils.get_class(cfg.data._target_), LMDataModule):
+            raise APError(f"task=lm needs a language-modelling data config (data=lm_sample|wikitext103|...), "
+                          f"got {cfg.data._target_}")
+        hparams = OmegaConf.to_container(cfg.task.module, resolve=True)
+        module_cls = hydra.utils.get_class(hparams.pop("_target_"))  # (not instantiate: it would build the model
+        if not hydra.utils.get_class(model["_target_"]).memory:      # config the task receives as hparams)
+            dm = instantiate(cfg.data, seed=cfg.seed)
+            return dm, module_cls(model=model, vocab_size=dm.vocab_size, **hparams)
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        data.pop("_target_")
+        data["eval_batch_size"] = model.pop("eval_streams", data["eval_batch_size"])  # streams, not blocks, per batch
+        dm = LMStreamDataModule(tgt_len=model["tgt_len"], seed=cfg.seed, **data)
+        eval_memory = model.pop("eval_memory", True)
+        return dm, TransformerXLTask(model=model, vocab_size=dm.vocab_size, eval_memory=eval_memory, **hparams)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)[0]
 
     def calibration_forward(self, batch: tuple[Tensor, Tensor]) -> None:
-        """What the pruning callback runs on each calibration batch."""
         self.model(batch[0])
 
     def reinitialize(self) -> None:
-        """Fresh weights for the retrain-from-scratch recipe (``pruning.reinit=true``)."""
         self.model.reset_parameters()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -106,55 +124,32 @@ class LanguageModelTask(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
+    def eval_start(self, split: str) -> None:
+        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         x, y = batch
         _, loss = self.model(x, y)
         n = (y != -100).sum()
         self._eval_sums += torch.stack([loss.detach() * n, n.to(loss.dtype)]).double()  # (nll sum, tokens)
 
-    def _eval_epoch_start(self) -> None:
-        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-
-    def _eval_epoch_end(self, split: str) -> None:
-        nll_sum, n = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")  # token-weighted over all ranks
+    def eval_end(self, split: str) -> None:
+        nll_sum, n = self.reduce_sum(self._eval_sums)  # token-weighted over all ranks
         nll = (nll_sum / n).float()
         self.log(f"{split}/loss", nll, sync_dist=False)  # already reduced
         self.log(f"{split}/ppl", torch.exp(nll), prog_bar=True, sync_dist=False)
 
-    def on_validation_epoch_start(self) -> None:
-        self._eval_epoch_start()
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_epoch_start()
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
     def configure_optimizers(self) -> dict[str, Any]:
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=(0.9, 0.98))
+        h = self.hparams
+        opt = optim.adamw(optim.decay_groups(self, h.weight_decay), lr=self.lr, betas=(0.9, 0.98))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, floor = min(self.hparams.warmup_steps, total // 2), self.hparams.min_lr_ratio
+        return optim.per_step(opt, optim.warmup_cosine(h.warmup_steps, total, h.min_lr_ratio))
 
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+def build_model(model: dict[str, Any], vocab_size: int) -> nn.Module:
+    """The model its config names (``_target_``: a model config class with ``build()``), for ``vocab_size`` tokens."""
+    fields = {k: v for k, v in model.items() if k != "_target_"}
+    return hydra.utils.get_class(model["_target_"])(**fields, vocab_size=vocab_size).build()
 
 
 class LMStreams(Dataset):
@@ -222,11 +217,6 @@ class TransformerXLTask(LanguageModelTask):
         self.eval_memory = eval_memory
         self._mems: dict[str, Optional[list[Tensor]]] = {}
 
-    @staticmethod
-    def build_model(model: dict[str, Any], vocab_size: int) -> TransformerXL:
-        fields = {k: v for k, v in model.items() if k != "arch"}
-        return TransformerXL(TransformerXLConfig(**{**fields, "vocab_size": vocab_size}))
-
     def _forward(self, batch: tuple[Tensor, Tensor, int], loop: str) -> XLOutput:
         x, y, s = batch  # (B, T), (B, T), segment index
         if int(s) == 0 or (loop == "eval" and not self.eval_memory):
@@ -243,7 +233,7 @@ class TransformerXLTask(LanguageModelTask):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor, int]) -> None:
+    def eval_step(self, batch: tuple[Tensor, Tensor, int], split: str) -> None:
         out = self._forward(batch, "eval")
         n = (batch[1] != -100).sum()
         self._eval_sums += torch.stack([out.nll.sum().detach(), n.to(out.nll.dtype)]).double()  # (nll sum, tokens)
