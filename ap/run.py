@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +17,7 @@ from ap.pipeline import finish_wandb, run_stages
 # One Trainer per stage would repeat Lightning's banner (accelerator, tips) four times; keep its warnings.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning 2.6 + torch 2.13
+log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -41,15 +44,48 @@ def cli_main(cfg: DictConfig) -> float | list[float]:
     except APError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    link_latest()  # after the run: a command reading outputs/latest/... reads the run before it
     names = cfg.task.optimized_metric or next((k for k in results["metrics"] if k.startswith("val/")), None)
     if OmegaConf.is_list(names):
         return [objective(results, n) for n in names]
     return objective(results, names)
 
 
+def link_latest() -> Optional[Path]:
+    """Point ``outputs/latest`` at this finished run's folder (``multirun/latest`` at its sweep's), so the newest
+    results are one path to paste. Only for relative run/sweep folders (the first folder of the path gets the link)
+    and on rank zero; a ``latest`` that is not a link is left alone. Returns the link, or None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return None
+    hc = HydraConfig.get()
+    folder = Path(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.runtime.output_dir)
+    configured = Path(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir)
+    if configured.is_absolute() or len(configured.parts) < 2:
+        return None
+    return update_link(Path(configured.parts[0]) / "latest", folder)
+
+
+def update_link(link: Path, target: Path) -> Optional[Path]:
+    """Atomically make ``link`` a relative symlink to ``target``; None (and a log line) where that is not possible."""
+    if link.exists() and not link.is_symlink():
+        log.info("Not linking %s to this run: it exists and is not a link", link)
+        return None
+    tmp = link.with_name(f".{link.name}.{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()), target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError as e:  # e.g. a file system without symlinks
+        tmp.unlink(missing_ok=True)
+        log.info("Could not link %s to this run: %s", link, e)
+        return None
+    return link
+
+
 def objective(results: dict[str, Any], name: Optional[str]) -> float:
     value = results["metrics"].get(name, results.get(name)) if name else None
     return float("nan") if value is None else float(value)
 
-
-log = logging.getLogger(__name__)
