@@ -174,13 +174,7 @@ class AttentionSite(nn.Module):
         (backends eager and sdpa; ``auto`` then runs sdpa), e.g. Transformer-XL's relative-position term.
         """
         tq, tk = q.shape[-2], k.shape[-2]
-        k_pos = real_positions(k_padding, tk, 0 if k_offset is None else k_offset, q.device)  # (1|B, Tk)
-        if q_padding is None and q_offset is None and self.kind is not SiteKind.CROSS:
-            # new queries follow the real (cached) keys of their own row: per-row offsets under key padding
-            last = k_pos.max(dim=1, keepdim=True).values - self.causal_shift  # (1|B, 1) the last query's position
-            q_pos = (last + 1 - tq) + torch.arange(tq, device=q.device)  # (1|B, Tq)
-        else:
-            q_pos = real_positions(q_padding, tq, 0 if q_offset is None else q_offset, q.device)  # (1|B, Tq)
+        q_pos, k_pos = self._positions(tq, tk, q_padding, k_padding, q_offset, k_offset, q.device)
         padded = q_padding is not None or k_padding is not None
         need_probs = self.recorder is not None
         # a recorder of tiled statistics takes probabilities a chunk of query rows at a time (``_record_chunked``):
@@ -219,6 +213,19 @@ class AttentionSite(nn.Module):
         elif need_probs:
             self.recorder(self, probs, q_pos, k_pos)
         return out
+
+    def _positions(self, tq: int, tk: int, q_padding: Optional[Tensor], k_padding: Optional[Tensor],
+                   q_offset: Optional[int | Tensor], k_offset: Optional[int | Tensor],
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+        """Real positions of the queries ``(1|B, Tq)`` and keys ``(1|B, Tk)`` of a call (see ``forward``)."""
+        k_pos = real_positions(k_padding, tk, 0 if k_offset is None else k_offset, device)  # (1|B, Tk)
+        if q_padding is None and q_offset is None and self.kind is not SiteKind.CROSS:
+            # new queries follow the real (cached) keys of their own row: per-row offsets under key padding
+            last = k_pos.max(dim=1, keepdim=True).values - self.causal_shift  # (1|B, 1) the last query's position
+            q_pos = (last + 1 - tq) + torch.arange(tq, device=device)  # (1|B, Tq)
+        else:
+            q_pos = real_positions(q_padding, tq, 0 if q_offset is None else q_offset, device)  # (1|B, Tq)
+        return q_pos, k_pos
 
     def _record_chunked(self, q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
                         bias: Optional[Tensor], q_pos: Tensor, k_pos: Tensor) -> None:

@@ -34,7 +34,7 @@ def import_fairseq() -> Any:
         fairseq = importlib.import_module("fairseq")
         importlib.import_module("fairseq.models.transformer")
     except ImportError as e:
-        raise APError(f"task=wmt needs fairseq ({e}): run `make install-fairseq` (see README, 'Translation')") from e
+        raise APError(f"task=wmt needs fairseq ({e}): run `make install-fairseq` (see docs/translation.md)") from e
     forget_fairseq_configs()
     return fairseq
 
@@ -103,14 +103,7 @@ def _swap_forward(cls_mha: type) -> type:
                     before_softmax: bool = False, need_head_weights: bool = False) -> tuple[Tensor, None]:
             site = self.ap_site
             tgt_len, bsz, embed_dim = query.shape  # (T, B, C)
-            if before_softmax or self.bias_k is not None or self.add_zero_attn:
-                raise MaskError(f"{site.name}: before_softmax, bias_kv and add_zero_attn are not supported by AP sites")
-            if attn_mask is not None:  # only the decoder's causal mask is expected; causality is the site's kind
-                src_len = tgt_len if incremental_state is None else attn_mask.shape[-1]
-                if not (site.kind is SiteKind.DEC_SELF and _is_future_mask(attn_mask, tgt_len, src_len)):
-                    raise MaskError(f"{site.name}: attn_mask {tuple(attn_mask.shape)} {attn_mask.dtype} is not "
-                                    f"fairseq's causal mask; extra masks must be AP masks (MaskSet), not attn_mask")
-
+            self._refuse_unsupported(tgt_len, attn_mask, incremental_state is not None, before_softmax)
             saved = self._get_input_buffer(incremental_state) if incremental_state is not None else None
             if saved is not None and "prev_key" in saved and static_kv:
                 key = value = None  # cross-attention: encoder keys/values are cached
@@ -129,41 +122,72 @@ def _swap_forward(cls_mha: type) -> type:
             k, v = (heads(k), heads(v)) if k is not None else (None, None)
             step = 0  # real position of the first query (incremental decoding)
             if saved is not None:
-                if "prev_key" in saved:
-                    prev_k, prev_v = saved["prev_key"], saved["prev_value"]  # (B, H, S', D)
-                    k = prev_k if static_kv else torch.cat([prev_k, k], dim=2)
-                    v = prev_v if static_kv else torch.cat([prev_v, v], dim=2)
-                if "ap_step" in saved:
-                    step = int(saved["ap_step"][0])
-                key_padding_mask = cls_mha._append_prev_key_padding_mask(
-                    key_padding_mask=key_padding_mask, prev_key_padding_mask=saved.get("prev_key_padding_mask"),
-                    batch_size=bsz, src_len=k.shape[2], static_kv=static_kv)
-                saved["prev_key"], saved["prev_value"] = k, v  # (B, H, S, D), as fairseq stores them
-                saved["prev_key_padding_mask"] = key_padding_mask
-                saved["ap_step"] = torch.full((bsz,), step + tgt_len, dtype=torch.long, device=q.device)  # (B,)
-                self._set_input_buffer(incremental_state, saved)
+                k, v, key_padding_mask, step = self._extend_cache(incremental_state, saved, k, v, key_padding_mask,
+                                                                  static_kv, tgt_len)
             k_pad = key_padding_mask.bool() if key_padding_mask is not None else None  # (B, S) True = pad
             if k_pad is not None and not k_pad.any():
                 k_pad = None
-
-            q_pad, q_offset = None, None
-            if site.kind is SiteKind.ENC_SELF:
-                q_pad = k_pad  # queries are the keys
-            elif incremental_state is None:  # full decoder pass: targets may be (right-)padded
-                q_pad = self._query_padding
-                if q_pad is not None and (q_pad.shape != (bsz, tgt_len) or not q_pad.any()):
-                    q_pad = None
-                if site.kind is SiteKind.DEC_SELF:
-                    q_pad = k_pad if k_pad is not None else q_pad
-                    k_pad = q_pad
-                q_offset = 0
-            elif site.kind is SiteKind.CROSS:
-                q_offset = step
+            q_pad, k_pad, q_offset = self._query_side(k_pad, bsz, tgt_len, step, incremental_state is not None)
             dropout = self.dropout_module.p if (self.training or self.dropout_module.apply_during_inference) else 0.0
             out = site(q, k, v, q_padding=q_pad, k_padding=k_pad, q_offset=q_offset, dropout_p=dropout,
                        scale=self.scaling)  # (B, H, T, D)
             out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)  # (T, B, C)
             return self.out_proj(out), None
+
+        def _refuse_unsupported(self, tgt_len: int, attn_mask: Optional[Tensor], incremental: bool,
+                                before_softmax: bool) -> None:
+            """Raise for what an AP site cannot apply: fairseq's extras and any attn_mask but the causal one."""
+            site = self.ap_site
+            if before_softmax or self.bias_k is not None or self.add_zero_attn:
+                raise MaskError(f"{site.name}: before_softmax, bias_kv and add_zero_attn are not supported by AP sites")
+            if attn_mask is not None:  # only the decoder's causal mask is expected; causality is the site's kind
+                src_len = tgt_len if not incremental else attn_mask.shape[-1]
+                if not (site.kind is SiteKind.DEC_SELF and _is_future_mask(attn_mask, tgt_len, src_len)):
+                    raise MaskError(f"{site.name}: attn_mask {tuple(attn_mask.shape)} {attn_mask.dtype} is not "
+                                    f"fairseq's causal mask; extra masks must be AP masks (MaskSet), not attn_mask")
+
+        def _extend_cache(self, incremental_state: dict[str, dict[str, Optional[Tensor]]],
+                          saved: dict[str, Optional[Tensor]], k: Optional[Tensor], v: Optional[Tensor],
+                          key_padding_mask: Optional[Tensor], static_kv: bool,
+                          tgt_len: int) -> tuple[Tensor, Tensor, Optional[Tensor], int]:
+            """Incremental decoding: this step's keys/values (B, H, S, D) appended to the cached ones (cross-attention:
+            the cached encoder's), their padding, the step (real position of the first query); the cache updated."""
+            step = 0
+            if "prev_key" in saved:
+                prev_k, prev_v = saved["prev_key"], saved["prev_value"]  # (B, H, S', D)
+                k = prev_k if static_kv else torch.cat([prev_k, k], dim=2)
+                v = prev_v if static_kv else torch.cat([prev_v, v], dim=2)
+            if "ap_step" in saved:
+                step = int(saved["ap_step"][0])
+            bsz = k.shape[0]
+            key_padding_mask = cls_mha._append_prev_key_padding_mask(
+                key_padding_mask=key_padding_mask, prev_key_padding_mask=saved.get("prev_key_padding_mask"),
+                batch_size=bsz, src_len=k.shape[2], static_kv=static_kv)
+            saved["prev_key"], saved["prev_value"] = k, v  # (B, H, S, D), as fairseq stores them
+            saved["prev_key_padding_mask"] = key_padding_mask
+            saved["ap_step"] = torch.full((bsz,), step + tgt_len, dtype=torch.long, device=k.device)  # (B,)
+            self._set_input_buffer(incremental_state, saved)
+            return k, v, key_padding_mask, step
+
+        def _query_side(self, k_pad: Optional[Tensor], bsz: int, tgt_len: int, step: int,
+                        incremental: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[int]]:
+            """(query padding, key padding, query offset) of this call, aligned to real tokens: encoder queries
+            are its keys; a full decoder pass takes the (right-)padded targets; a cached cross step sits at ``step``."""
+            q_pad, q_offset = None, None
+            kind = self.ap_site.kind
+            if kind is SiteKind.ENC_SELF:
+                q_pad = k_pad  # queries are the keys
+            elif not incremental:  # full decoder pass: targets may be (right-)padded
+                q_pad = self._query_padding
+                if q_pad is not None and (q_pad.shape != (bsz, tgt_len) or not q_pad.any()):
+                    q_pad = None
+                if kind is SiteKind.DEC_SELF:
+                    q_pad = k_pad if k_pad is not None else q_pad
+                    k_pad = q_pad
+                q_offset = 0
+            elif kind is SiteKind.CROSS:
+                q_offset = step
+            return q_pad, k_pad, q_offset
 
     APMultiheadAttention.__qualname__ = APMultiheadAttention.__name__ = "APMultiheadAttention"
     APMultiheadAttention.__module__ = __name__  # picklable as ap.models.fairseq_mt.APMultiheadAttention
