@@ -11,12 +11,13 @@ FAIRSEQ ?= fairseq-fixed==0.12.3.1
 
 .PHONY: install install-fairseq install-hf install-clm install-sweep install-test data data-glue data-wmt data-smollm2 demo demo-glue demo-wmt bench gpu-check reproduce-sample test test-fast clean
 
+# What the default run (task=lm) needs; every other task installs its extra when asked (install-fairseq, -hf, -clm).
 install:
 	$(if $(TORCH),$(PIP) install $(TORCH))
 	$(PIP) install -e .
-	$(MAKE) install-fairseq TORCH=
 
-install-fairseq:
+# task=wmt: needs a C/C++ compiler (fairseq compiles its extensions).
+install-fairseq: install
 	$(PIP) install -e ".[fairseq]"
 	MAX_JOBS=2 $(PIP) install --no-deps --no-build-isolation $(FAIRSEQ)
 
@@ -32,7 +33,7 @@ install-sweep: install
 install-clm: install
 	$(PIP) install -e ".[clm]"
 
-install-test: install
+install-test: install-fairseq
 	$(PIP) install -e ".[test,hf,sweep]"
 
 data:
@@ -41,7 +42,7 @@ data:
 data-glue:
 	$(PYTHON) scripts/prepare_data.py glue_sample
 
-data-wmt:
+data-wmt: install-fairseq
 	$(PYTHON) scripts/prepare_data.py wmt_sample
 
 data-smollm2: install-clm
@@ -55,40 +56,43 @@ demo-glue: install-hf data-glue
 	$(PYTHON) run.py task=glue pruning=ap50
 
 # Translation on the de->en Bible sample with fairseq (about 18-19 minutes on 2 CPU cores)
-demo-wmt: install data-wmt
+demo-wmt: install-fairseq data-wmt
 	$(PYTHON) run.py task=wmt pruning=ap50
 
-# Attention and whole-LM speed against dense attention (README "Speed"; about 8 minutes on 2 CPU cores; table, CSV, PNG)
+# Attention and whole-LM speed against dense attention (docs/speed.md; about 8 minutes on 2 CPU cores; table, CSV, PNG)
 bench:
 	$(PYTHON) scripts/benchmark.py --lengths 1024 2048 4096 --sparsity 0.5 0.9 --backward --lm-length 2048 --repeats 3
 
 # Every GPU feature in one table (docs/gpu.md; about 5 minutes on one H200): flex and block vs causal SDPA at 4k-32k,
 # trainer=gpu runs of every task, task=clm at 8k, bf16 vs fp32 calibration, NCCL DDP with 2 GPUs. Install the torch
 # build for your CUDA first (make install TORCH=). `python scripts/gpu_check.py --dry-run` checks it on a CPU.
-gpu-check: install-hf data data-glue data-wmt data-smollm2
+gpu-check: install-hf install-fairseq data data-glue data-wmt data-smollm2
 	$(PYTHON) scripts/gpu_check.py
 
-# The paper's three claims at sample scale (README "Reproducing the paper"), each curve within 30 minutes on 2 CPU cores:
-# LM with Transformer-XL memory (AP 20-95 % vs random), MT on the de->en sample (AP50 on each attention kind and on all
-# three, against random50 on all three), GLUE on the SST-2-format sample (AP vs random at 20/50/70/90 %); tables and
-# curves go to experiments/results/reproduce_{lm,mt,glue}/. Stages are cached (paths.cache_dir): a rerun reuses dense
-# models, baselines and statistics. Each sweep gets a folder of its own; each curve's wall time is printed.
+# The paper's three claims at sample scale (docs/reproducing.md), each curve within 30 minutes on 2 CPU cores: LM with
+# Transformer-XL memory (AP 20-95 % vs random), MT on the de->en sample (AP50 on each attention kind and on all three,
+# against random50 on all three), GLUE on the SST-2-format sample (AP vs random at 20/50/70/90 %). Tables and curves
+# replace experiments/results/reproduce_{lm,mt,glue}/, with the runs behind them (--keep-runs). Stages are cached
+# (paths.cache_dir): a rerun reuses dense models, baselines and statistics. Each curve's wall time is printed.
 REPRO := multirun/reproduce_$(shell date +%Y-%m-%d_%H-%M-%S)
-reproduce-sample: install-hf data data-glue data-wmt
+reproduce-sample: install-hf install-fairseq data data-glue data-wmt
 	@start=$$(date +%s); \
 	$(PYTHON) run.py experiment=sweep_txl_sample hydra.sweep.dir=$(REPRO)/lm && \
 	echo "reproduce-sample: LM curve took $$(( $$(date +%s) - start )) s"
-	$(PYTHON) scripts/collect_results.py $(REPRO)/lm --out experiments/results/reproduce_lm
+	rm -rf experiments/results/reproduce_lm
+	$(PYTHON) scripts/collect_results.py $(REPRO)/lm --out experiments/results/reproduce_lm --keep-runs
 	@start=$$(date +%s); \
 	$(PYTHON) run.py experiment=sweep_wmt_kinds hydra.sweep.dir=$(REPRO)/mt && \
 	$(PYTHON) run.py experiment=sweep_wmt_kinds pruning=random50 'pruning.kinds=[enc_self,dec_self,cross]' \
 		hydra.sweep.dir=$(REPRO)/mt_random && \
 	echo "reproduce-sample: MT curve took $$(( $$(date +%s) - start )) s"
-	$(PYTHON) scripts/collect_results.py $(REPRO)/mt $(REPRO)/mt_random --out experiments/results/reproduce_mt
+	rm -rf experiments/results/reproduce_mt
+	$(PYTHON) scripts/collect_results.py $(REPRO)/mt $(REPRO)/mt_random --out experiments/results/reproduce_mt --keep-runs
 	@start=$$(date +%s); \
 	$(PYTHON) run.py experiment=sweep_glue_sample hydra.sweep.dir=$(REPRO)/glue && \
 	echo "reproduce-sample: GLUE curve took $$(( $$(date +%s) - start )) s"
-	$(PYTHON) scripts/collect_results.py $(REPRO)/glue --out experiments/results/reproduce_glue
+	rm -rf experiments/results/reproduce_glue
+	$(PYTHON) scripts/collect_results.py $(REPRO)/glue --out experiments/results/reproduce_glue --keep-runs
 
 test: install-test
 	$(PYTHON) -m pytest

@@ -148,7 +148,8 @@ def test_calibration_counts_real_positions_whatever_the_padding_side(name):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_cached_steps_equal_the_full_forward_under_an_ap_mask(name):
-    """A two-step forward with a KV cache equals the full forward at every real position (DESIGN section 4).
+    """A two-step forward with a KV cache equals the full forward at every real position (docs/design.md, "The site
+    contract").
 
     Left padding: the second step is the last token (each row's cached keys start at its own real position). Right
     padding: the second step holds padding queries, all of them for the shortest row.

@@ -190,7 +190,7 @@ def test_calibration_counts_only_keys_inside_the_window():
 @pytest.mark.parametrize("layout", ["right", "left"])
 def test_cached_steps_equal_the_full_forward_under_an_ap_mask(layout):
     """A two-step forward with Gemma3's own cache (sliding layers keep only the last ``window - 1`` keys) equals the
-    full forward at every real position (DESIGN section 4)."""
+    full forward at every real position (docs/design.md, "The site contract")."""
     _, model, sites = models("gemma3")
     install_random_masks(sites)
     seqs = sequences()

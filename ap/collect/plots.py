@@ -35,13 +35,14 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
             varying = [k for k in line_keys if k != "policy" and points[k].astype(str).nunique() > 1]
             for i, (key, line) in enumerate(points.groupby(line_keys, dropna=False, sort=True)):
                 setting = dict(zip(line_keys, key))
-                label = ", ".join([str(setting["policy"])] + [f"{k}={setting[k]}" for k in varying])
+                label = ", ".join([str(setting["policy"])] + [f"{k.rsplit('.', 1)[-1]}={setting[k]}" for k in varying])
                 line = line.sort_values("sparsity_mean")
                 x, color = 100 * line["sparsity_mean"], f"C{i % 10}"
                 free = str(setting.get("finetune")) == "False"  # (a bool, or numpy's)
                 _points(ax, x, line, metric, color, f"{label} ({'training-free' if free else 'fine-tuned'})", "-")
                 if not free and f"pre/{metric}_mean" in line and line[f"pre/{metric}_mean"].notna().any():
                     _points(ax, x, line, f"pre/{metric}", color, f"{label} (before fine-tuning)", "--")
+            data_lines = len(ax.get_legend_handles_labels()[0])  # (reference and paper entries come next)
             for prefix, name, style in (("dense/", "dense", "-"), ("dense_ft/", "dense+ft", ":")):
                 for j, (variant, value) in enumerate(_reference(here, prefix + metric).items()):
                     ax.axhline(value, color=f"{0.15 + 0.2 * (j % 4):.2f}", linestyle=style, linewidth=1,
@@ -61,7 +62,11 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
             ax.set(xlabel=_x_label(here), ylabel=f"{metric} ({'lower' if lower_is_better(metric) else 'higher'} "
                                                  f"is better)", title=_title(task_name, metric, here, points))
             ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
+            if data_lines > 6:  # many curves: the legend goes below the axes, where it hides no point
+                fig.set_size_inches(6.4, 4.4 + 0.22 * len(ax.get_legend_handles_labels()[0]))
+                fig.legend(loc="outside lower center", fontsize="small")
+            else:
+                ax.legend(fontsize="small")
             path = out_dir / f"curve_{_safe(task_name)}_{_safe(metric)}.png"
             fig.savefig(path, dpi=120)
             paths.append(path)

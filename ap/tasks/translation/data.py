@@ -66,7 +66,7 @@ class TranslationDataModule(pl.LightningDataModule):
         self.max_tokens, self.eval_max_tokens = max_tokens, eval_max_tokens or max_tokens
         self.max_positions = (max_source_positions, max_target_positions)
         self.post_process, self.joined, self.num_workers, self.seed = post_process, joined_dictionary, num_workers, seed
-        self.missing_hint = missing_hint or "see README 'Translation' for preparing a data-bin"
+        self.missing_hint = missing_hint or "see docs/translation.md for preparing a data-bin"
         self.task: Any = None  # fairseq TranslationTask: dictionaries + datasets
 
     def setup(self, stage: Optional[str] = None) -> None:
