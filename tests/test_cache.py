@@ -110,6 +110,7 @@ def _fetch_in_process(root: str, run_dir: str, log: str, pause: float, die: bool
     StageCache(Path(root), Path(run_dir)).fetch("dense", {"a": 1}, build)
 
 
+@pytest.mark.slow  # a subprocess (make test runs it, make test-fast does not)
 def test_a_job_killed_while_building_leaves_no_entry_and_no_stuck_lock(tmp_path):
     args = (str(tmp_path / "cache"), str(tmp_path / "run"), str(tmp_path / "log"), 0.0)
     p = mp.get_context("spawn").Process(target=_fetch_in_process, args=(*args, True))
@@ -120,6 +121,7 @@ def test_a_job_killed_while_building_leaves_no_entry_and_no_stuck_lock(tmp_path)
     assert entry.reused is False and builds(tmp_path / "log") == 2  # the next job builds it
 
 
+@pytest.mark.slow  # a subprocess (make test runs it, make test-fast does not)
 def test_concurrent_jobs_build_a_missing_entry_once(tmp_path):
     ctx = mp.get_context("spawn")
     jobs = [ctx.Process(target=_fetch_in_process, args=(str(tmp_path / "cache"), str(tmp_path / f"run{i}"),

@@ -70,6 +70,7 @@ def test_wikitext_configs_read_a_folder_in_that_format(data, tiny_data):
         missing.setup()
 
 
+@pytest.mark.slow  # a subprocess (make test runs it, make test-fast does not)
 def test_core_lm_and_glue_run_without_fairseq(tmp_path):
     """fairseq is only imported by task=wmt; without it, that task names the install command."""
     import subprocess

@@ -143,18 +143,21 @@ def run_cli(*overrides: str, cwd: Path = ROOT, env_extra: dict | None = None) ->
                           cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow  # a subprocess (make test runs it, make test-fast does not)
 def test_cli_missing_data_names_the_prepare_command(tmp_path):
     proc = run_cli(*TINY, f"paths.data_dir={tmp_path / 'empty'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode != 0
     assert "python scripts/prepare_data.py lm_sample" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # a subprocess (make test runs it, make test-fast does not)
 def test_cli_bad_sparsity_fails_before_running(tmp_path):
     proc = run_cli("pruning.sparsity=1.5", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode != 0 and "pruning.sparsity=1.5 is outside [0, 1)" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # a subprocess (make test runs it, make test-fast does not)
 def test_cli_masks_of_another_model_name_the_site(ap_run, tiny_data, tmp_path):
     out, _ = ap_run
     proc = run_cli(*TINY, f"data.dir={tiny_data}", "model.n_heads=4", f"pruning.masks_path={out / 'masks.pt'}",
@@ -165,6 +168,7 @@ def test_cli_masks_of_another_model_name_the_site(ap_run, tiny_data, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists(), "failed before training"
 
 
+@pytest.mark.slow  # a subprocess (make test runs it, make test-fast does not)
 def test_cli_never_overwrites_results(ap_run):
     out, _ = ap_run
     before = (out / "results.json").read_text()
@@ -262,6 +266,7 @@ def test_unreadable_or_foreign_checkpoints_fail_naming_the_key(ap_run, tiny_cfg,
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # a subprocess (make test runs it, make test-fast does not)
 def test_cli_corrupt_file_is_one_error_line_with_exit_code_2(tmp_path, tiny_data):
     garbage = tmp_path / "masks.pt"
     garbage.write_bytes(b"\x80\x02garbage")
