@@ -27,7 +27,8 @@ def sweep(tmp_path: Path, tiny_data: Path, *overrides: str, timeout: int = 600) 
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", *SHORT, f"data.dir={tiny_data}", *overrides],
                           capture_output=True, text=True, cwd=tmp_path, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    [folder] = (tmp_path / "multirun").iterdir()
+    [folder] = [f for f in (tmp_path / "multirun").iterdir() if f.name != "latest"]
+    assert (tmp_path / "multirun" / "latest").resolve() == folder.resolve()  # the link to the newest sweep
     results = [json.loads(p.read_text()) for p in sorted(folder.rglob("results.json"))]
     return results, proc.stdout + proc.stderr
 
@@ -99,7 +100,8 @@ def test_two_objective_search_returns_perplexity_and_sparsity(tiny_data, tmp_pat
     results, _ = sweep(tmp_path, tiny_data, "hparams_search=lm_max_sparsity", "hydra.sweeper.n_trials=3",
                        "hydra.sweeper.sampler.n_startup_trials=2")
     assert len(results) == 3 and len({r["pruning"] for r in results}) == 3
-    [folder] = (tmp_path / "multirun").iterdir()
+    [folder] = [f for f in (tmp_path / "multirun").iterdir() if f.name != "latest"]
+    assert (tmp_path / "multirun" / "latest").resolve() == folder.resolve()  # the link to the newest sweep
     front = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     assert front["name"] == "optuna" and front["solutions"]
     measured = {(r["metrics"]["val/ppl"], r["sparsity_achieved"]) for r in results}
