@@ -309,8 +309,8 @@ def hf_rows(args: argparse.Namespace) -> list[dict]:
 
 def calibration_rows(args: argparse.Namespace) -> list[dict]:
     """Calibration of a whole HF causal LM (``--model``) on one sequence at ``--model-lengths`` with statistics per
-    ``--tile`` tile, eager (the (H, L, L) probabilities of every site) and chunked (the fused kernel's output, the
-    probabilities a chunk of rows at a time), against a dense evaluation of the same sequence (loss over every token,
+    ``--tile`` tile, eager (the (H, L, L) probabilities of every site) and chunked (attention a chunk of query rows
+    at a time, per-row tile sums handed to the statistics), against a dense evaluation of the same sequence (loss over every token,
     the model's attention through AP sites on SDPA); ratio = calibration time / evaluation time."""
     from transformers import AutoModelForCausalLM
 
@@ -332,7 +332,7 @@ def calibration_rows(args: argparse.Namespace) -> list[dict]:
                 with recording(model, AttentionStats(tile=args.tile)):
                     if not chunked:
                         next(m for m in model.modules() if getattr(m, "recorder", None)).recorder.chunk_tile = 0
-                    model(input_ids=x, use_cache=False)
+                    model(input_ids=x, use_cache=False, logits_to_keep=1)  # as task=clm calibrates
             return run
 
         what = f"{Path(args.model).name} calibration"

@@ -23,18 +23,34 @@ from .stats import AttentionStats
 from .threshold import achieved_by_kind, achieved_sparsity, block_sparsity, build_masks
 
 
+class StatsRecorder:
+    """What ``recording`` installs on every site: called with probabilities ``(B, H, Tq, Tk)``; with tiled statistics
+    also ``row_tiles`` (per-row tile sums of an aligned call) and ``chunk_tile`` (sites then compute the attention a
+    chunk of query rows at a time, never holding ``(B, H, Tq, Tk)``; 0 turns that off)."""
+
+    def __init__(self, stats: AttentionStats, first: Optional[str]) -> None:
+        self.stats, self.first = stats, first
+        self.chunk_tile = stats.tile
+
+    def __call__(self, site: AttentionSite, probs: Tensor, q_pos: Tensor, k_pos: Tensor) -> None:
+        self.stats.record(site, probs, q_pos, k_pos)
+        self._count(site, q_pos, probs.shape[0])
+
+    def row_tiles(self, site: AttentionSite, rows: Tensor, q_pos: Tensor, k_pos: Tensor) -> None:
+        """``rows (B, H, Tq, ceil(Tk/tile))``: see ``AttentionStats.update_row_tiles``."""
+        self.stats.update_row_tiles(site.name, rows, q_pos, k_pos, window=site.sliding_window)
+        self._count(site, q_pos, rows.shape[0])
+
+    def _count(self, site: AttentionSite, q_pos: Tensor, batch: int) -> None:
+        if site.name == self.first:  # calibration tokens = real queries seen by the first site
+            self.stats.tokens += int((q_pos >= 0).sum()) * (batch if q_pos.shape[0] == 1 else 1)
+
+
 @contextmanager
 def recording(model: nn.Module, stats: AttentionStats) -> Iterator[AttentionStats]:
-    """Make every site of ``model`` compute probabilities (eager backend) and add them to ``stats``."""
+    """Make every site of ``model`` hand its attention probabilities to ``stats``."""
     sites = find_sites(model)
-    first = next(iter(sites), None)
-
-    def record(site: AttentionSite, probs: Tensor, q_pos: Tensor, k_pos: Tensor) -> None:
-        stats.record(site, probs, q_pos, k_pos)
-        if site.name == first:  # calibration tokens = real queries seen by the first site
-            stats.tokens += int((q_pos >= 0).sum()) * (probs.shape[0] if q_pos.shape[0] == 1 else 1)
-
-    record.chunk_tile = stats.tile  # tiled statistics: sites hand probabilities over a chunk of rows at a time
+    record = StatsRecorder(stats, next(iter(sites), None))
     for site in sites.values():
         stats.add_site(site.name, site.kind, site.n_heads, site.max_q, site.max_k)
         site.recorder = record

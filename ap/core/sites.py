@@ -22,10 +22,11 @@ from enum import Enum
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import (BLOCK_TILE, attention, block_plan, empty_tiles, flex_block_mask, flex_block_size,
-                        needs_grad)
+                        needs_grad, tile_row_sums)
 from .errors import MaskError
 
 
@@ -177,10 +178,11 @@ class AttentionSite(nn.Module):
         q_pos, k_pos = self._positions(tq, tk, q_padding, k_padding, q_offset, k_offset, q.device)
         padded = q_padding is not None or k_padding is not None
         need_probs = self.recorder is not None
-        # a recorder of tiled statistics takes probabilities a chunk of query rows at a time (``_record_chunked``):
-        # the output comes from the fused kernel, the (B, H, Tq, Tk) probabilities are never held
-        chunked = need_probs and getattr(self.recorder, "chunk_tile", 0) > 0 and self.mask is None
-        backend = "sdpa" if chunked else "eager" if need_probs else self.backend
+        if need_probs and getattr(self.recorder, "chunk_tile", 0) > 0 and self.mask is None:
+            # tiled statistics: attention a chunk of query rows at a time, never holding (B, H, Tq, Tk)
+            return self._calibrate_chunked(q, k, v, *self._call_mask(q_pos, k_pos, padded), dropout_p, scale, bias,
+                                           q_pos, k_pos)
+        backend = "eager" if need_probs else self.backend
         if bias is not None and backend == "auto":
             backend = "sdpa"  # the block-sparse backends add no score bias
         if backend in ("auto", "flex", "block"):  # (two host syncs: only for backends that cache per position window)
@@ -207,10 +209,8 @@ class AttentionSite(nn.Module):
                 self._block_masks[plan_key] = plan
                 mask, is_causal = plan, False
         out, probs = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=scale,
-                               backend=backend, need_probs=need_probs and not chunked, bias=bias)
-        if chunked:
-            self._record_chunked(q, k, mask, is_causal, scale, bias, q_pos, k_pos)
-        elif need_probs:
+                               backend=backend, need_probs=need_probs, bias=bias)
+        if need_probs:
             self.recorder(self, probs, q_pos, k_pos)
         return out
 
@@ -227,35 +227,66 @@ class AttentionSite(nn.Module):
             q_pos = real_positions(q_padding, tq, 0 if q_offset is None else q_offset, device)  # (1|B, Tq)
         return q_pos, k_pos
 
-    def _record_chunked(self, q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
-                        bias: Optional[Tensor], q_pos: Tensor, k_pos: Tensor) -> None:
-        """Hand the recorder this call's probabilities a chunk of query rows at a time (rows start at multiples of
-        the recorder's ``chunk_tile``; about ``CHUNK_ELEMENTS`` scores per chunk, causal calls only over the keys the
-        chunk can reach): the same probabilities as the eager backend, in O(B x H x chunk x Tk) memory."""
+    def _calibrate_chunked(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
+                           dropout_p: float, scale: Optional[float], bias: Optional[Tensor], q_pos: Tensor,
+                           k_pos: Tensor) -> Tensor:
+        """Eager attention a chunk of query rows at a time (rows start at multiples of the recorder's
+        ``chunk_tile``; about ``CHUNK_ELEMENTS`` scores per chunk; causal chunks only over the keys they reach),
+        handing the recorder each chunk's statistics: per-row tile sums for aligned calls (``row_tiles``: the
+        probabilities are never normalised entry by entry), else the probabilities. The output and probabilities of
+        the eager backend in O(B × H × chunk × Tk) memory, scores and softmax in float32 whatever ``q``'s dtype."""
         b, h, tq, d = q.shape
         tk, tile = k.shape[-2], self.recorder.chunk_tile
         scale = 1.0 / math.sqrt(d) if scale is None else scale
+        shift = tk - tq  # bottom-right causal: row i sees keys j <= i + shift
+        by_tiles = (hasattr(self.recorder, "row_tiles") and q_pos.shape[0] == 1 and k_pos.shape[0] == 1
+                    and int(k_pos[0, 0]) == 0 and int(q_pos[0, 0]) % tile == 0 and int(q_pos[0, 0]) >= 0
+                    and (not is_causal or int(q_pos[0, 0]) + self.causal_shift == shift))  # index = real causality
+        kf, vf = k.float().transpose(-2, -1), v.float()  # (B, H, D, Tk), (B, H, Tk, Dv)
+        out = q.new_empty(b, h, tq, v.shape[-1])  # (B, H, Tq, Dv)
         rows = max(tile, CHUNK_ELEMENTS // max(1, b * h * tk) // tile * tile)
         for a in range(0, tq, rows):
             e = min(tq, a + rows)
-            kend = min(tk, e + tk - tq) if is_causal else tk  # bottom-right causal: row i sees keys j <= i + Tk - Tq
-            att = (q[:, :, a:e].float() @ k[:, :, :kend].float().transpose(-2, -1)).mul_(scale)  # (B, H, c, kend)
-            # (bf16 models: scores and softmax in float32, more exact than the eager backend's bf16 softmax)
+            kend = min(tk, e + shift) if is_causal else tk
+            s = (q[:, :, a:e].float() @ kf[..., :kend]).mul_(scale)  # (B, H, c, kend) scores
             if bias is not None:
-                att.add_(bias[..., a:e, :kend].float())
-            keep = None if mask is None else mask[..., a:e, :kend]  # (1|B, H|1, c, kend)
-            if is_causal:
-                causal = torch.arange(kend, device=q.device)[None, :] <= torch.arange(a, e, device=q.device)[:, None] \
-                    + (tk - tq)  # (c, kend)
-                keep = causal if keep is None else keep & causal
-            if keep is not None:
-                att.masked_fill_(~keep, torch.finfo(att.dtype).min)
-            # softmax in place (one buffer per chunk: fresh large buffers cost page faults as much as the math)
-            probs = att.sub_(att.amax(dim=-1, keepdim=True)).exp_()  # (B, H, c, kend)
-            probs.div_(probs.sum(dim=-1, keepdim=True))
-            if keep is not None and not (is_causal and mask is None):  # (causal rows always keep their own key)
-                probs = probs * keep.any(dim=-1, keepdim=True)  # rows with no kept key -> 0, like eager
-            self.recorder(self, probs, q_pos[:, a:e], k_pos[:, :kend])
+                s.add_(bias[..., a:e, :kend].float())
+            keep, lo = self._chunk_keep(mask, is_causal, a, e, kend, shift, q.device)  # (.., c, kend - lo)
+            if keep is not None:  # finfo.min (not -inf): a row with no kept key stays finite, zeroed below
+                s[..., lo:].masked_fill_(~keep, torch.finfo(s.dtype).min)
+            s.sub_(s.amax(dim=-1, keepdim=True)).exp_()  # (B, H, c, kend) unnormalised probabilities
+            inv = s.sum(dim=-1, keepdim=True).reciprocal_()  # (B, H, c, 1)
+            if keep is not None and lo == 0:
+                inv.mul_(keep.any(dim=-1, keepdim=True))  # rows with no kept key -> 0, like eager
+            if dropout_p > 0:
+                out[:, :, a:e] = F.dropout(s * inv, p=dropout_p) @ vf[:, :, :kend]
+            else:
+                out[:, :, a:e] = (s @ vf[:, :, :kend]).mul_(inv)  # (B, H, c, Dv)
+            if by_tiles:
+                self.recorder.row_tiles(self, tile_row_sums(s, tile).mul_(inv), q_pos[:, a:e], k_pos[:, :kend])
+            else:
+                self.recorder(self, s.mul_(inv), q_pos[:, a:e], k_pos[:, :kend])
+        return out
+
+    @staticmethod
+    def _chunk_keep(mask: Optional[Tensor], is_causal: bool, a: int, e: int, kend: int, shift: int,
+                    device: torch.device) -> tuple[Optional[Tensor], int]:
+        """The keep-mask of query rows ``a:e`` over keys ``lo:kend``, where ``lo`` is the first key some row of the
+        chunk does not keep (keys before it need no masking): ``((1|B, H|1, c, kend - lo) bool, lo)``, or
+        ``(None, kend)`` when the chunk keeps every key it reaches."""
+        lo = min(kend, a + shift + 1) if is_causal else kend
+        m = None if mask is None else mask[..., a:e, :kend]  # (1|B, H|1, c, kend)
+        if m is not None:
+            cut = (~m).reshape(-1, kend).any(dim=0).nonzero()  # (n, 1) keys some row does not keep
+            lo = min(lo, int(cut[0, 0])) if len(cut) else lo
+        if lo >= kend:
+            return None, kend
+        keep = None if m is None else m[..., lo:]
+        if is_causal:
+            causal = torch.arange(lo, kend, device=device)[None, :] <= torch.arange(a, e, device=device)[:, None] \
+                + shift  # (c, kend - lo)
+            keep = causal if keep is None else keep & causal
+        return keep, lo
 
     def _call_mask(self, q_pos: Tensor, k_pos: Tensor, padded: bool) -> tuple[Optional[Tensor], bool]:
         """This call's bool keep-mask ``(1|B, H|1, Tq, Tk)`` (installed mask, sliding window and, for padded calls,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import tile_sum
@@ -65,31 +66,20 @@ class AttentionStats:
         ``window``: the site's sliding window; an entry is valid only if ``q_pos - k_pos < window``.
         """
         total, count = self.sum[name], self.count[name]
-        causal = SiteKind(self.kinds[name]).causal
         t = self.tile
-        n_heads, max_q, max_k = self.shapes[name] if t else total.shape
-        if int(q_pos.max()) >= max_q or int(k_pos.max()) >= max_k:
-            raise APError(f"site {name!r}: positions up to {int(q_pos.max())}x{int(k_pos.max())} exceed the "
-                          f"statistics size {max_q}x{max_k}")
-        shift = max_k - max_q if causal else 0  # causal: key j is valid for query i iff j <= i + shift
+        n_heads, max_q, max_k = self.shapes[name]
+        self._check_range(name, int(q_pos.max()), int(k_pos.max()))
         q0 = int(q_pos[0, 0])
-        if q_pos.shape[0] == 1 and k_pos.shape[0] == 1 and int(k_pos[0, 0]) == 0 and q0 >= 0 and q0 % max(t, 1) == 0:
+        if self.aligned(q_pos, k_pos):
             # Fast path: no padding, keys at positions 0..Tk-1, queries at q0..q0+Tq-1 (q0 = 0, or where a chunk of
             # the rows starts: a whole number of tiles)
             tq, tk = q_pos.shape[1], k_pos.shape[1]
-            valid = torch.ones(tq, tk, dtype=torch.bool, device=probs.device)  # (Tq, Tk)
-            if causal:
-                valid = torch.tril(valid, diagonal=shift + q0)
-            if window is not None:
-                valid = torch.triu(valid, diagonal=q0 + 1 - window)  # key j >= i - window + 1
+            valid = self._valid(name, q0, tq, tk, window, probs.device)  # (Tq, Tk)
             if t:  # accumulated in float64 like the element path (bf16 tile sums were off by up to 0.4 %), without
                 # a float64 copy of the probabilities; invalid entries zeroed in their own dtype (exact)
                 x = probs.detach() if bool(valid.all()) else probs.detach() * valid  # (B, H, Tq, Tk)
                 p = tile_sum(x, t, dtype=torch.float64).sum(dim=0)  # (H, Tq/t, Tk/t)
-                c = tile_sum(valid.to(torch.float64), t) * probs.shape[0]  # (Tq/t, Tk/t)
-                r = q0 // t
-                total[:, r:r + p.shape[1], :p.shape[2]] += p.cpu()
-                count[r:r + c.shape[0], :c.shape[1]] += c.cpu()
+                self._add_tiles(name, p, valid, probs.shape[0], q0)
                 return
             w = valid.to(torch.float64)
             total[:, q0:q0 + tq, :tk] += (probs.detach().to(torch.float64).sum(dim=0) * w).cpu()  # (H, Tq, Tk)
@@ -99,8 +89,8 @@ class AttentionStats:
         b = probs.shape[0]
         qp, kp = q_pos.expand(b, -1), k_pos.expand(b, -1)  # (B, Tq), (B, Tk)
         valid = (qp >= 0)[:, :, None] & (kp >= 0)[:, None, :]  # (B, Tq, Tk)
-        if causal:
-            valid &= kp[:, None, :] <= qp[:, :, None] + shift
+        if SiteKind(self.kinds[name]).causal:  # key j is valid for query i iff j <= i + max_k - max_q
+            valid &= kp[:, None, :] <= qp[:, :, None] + max_k - max_q
         if window is not None:
             valid &= qp[:, :, None] - kp[:, None, :] < window
         bi, qi, ki = valid.nonzero(as_tuple=True)  # (N,) each
@@ -109,6 +99,52 @@ class AttentionStats:
         vals = probs[bi, :, qi, ki].cpu()  # (N, H)
         total.view(n_heads, -1).index_add_(1, flat, vals.T)
         count.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+
+    def aligned(self, q_pos: Tensor, k_pos: Tensor) -> bool:
+        """Whether a call at these positions takes the fast path: no padding, keys at 0..Tk-1, queries from a
+        position that starts a tile (tiled statistics)."""
+        q0 = int(q_pos[0, 0])
+        return (q_pos.shape[0] == 1 and k_pos.shape[0] == 1 and int(k_pos[0, 0]) == 0 and q0 >= 0
+                and q0 % max(self.tile, 1) == 0)
+
+    @torch.no_grad()
+    def update_row_tiles(self, name: str, rows: Tensor, q_pos: Tensor, k_pos: Tensor,
+                         window: Optional[int] = None) -> None:
+        """Tiled statistics from per-row tile sums: ``rows (B, H, Tq, ceil(Tk/tile))`` sums each query row's
+        probabilities over each tile of keys, with every invalid entry exactly 0 (masked before the softmax); the
+        call must be ``aligned``. Summed into tiles in float64 with the same counts as ``update``."""
+        t = self.tile
+        if not t or not self.aligned(q_pos, k_pos):
+            raise APError(f"site {name!r}: per-row tile sums need tiled statistics and an unpadded call whose rows "
+                          f"start a tile; hand the probabilities to update() instead")
+        q0, tq, tk = int(q_pos[0, 0]), q_pos.shape[1], k_pos.shape[1]
+        self._check_range(name, q0 + tq - 1, tk - 1)
+        if tq % t:
+            rows = F.pad(rows, (0, 0, 0, -tq % t))  # (B, H, Qc*t, Kc)
+        p = rows.detach().unflatten(2, (-1, t)).sum(dim=(0, 3), dtype=torch.float64)  # (H, Qc, Kc)
+        self._add_tiles(name, p, self._valid(name, q0, tq, tk, window, rows.device), rows.shape[0], q0)
+
+    def _valid(self, name: str, q0: int, tq: int, tk: int, window: Optional[int], device: torch.device) -> Tensor:
+        """Which entries of an aligned call are valid: ``(Tq, Tk)`` bool (causality in real positions, window)."""
+        valid = torch.ones(tq, tk, dtype=torch.bool, device=device)  # (Tq, Tk)
+        if SiteKind(self.kinds[name]).causal:
+            _, max_q, max_k = self.shapes[name]
+            valid = torch.tril(valid, diagonal=max_k - max_q + q0)  # key j is valid for query i iff j <= i + shift
+        if window is not None:
+            valid = torch.triu(valid, diagonal=q0 + 1 - window)  # key j >= i - window + 1
+        return valid
+
+    def _add_tiles(self, name: str, sums: Tensor, valid: Tensor, batch: int, q0: int) -> None:
+        """Add tile sums ``(H, Qc, Kc)`` and the tile counts of ``valid (Tq, Tk)`` × ``batch`` at query row ``q0``."""
+        t, r = self.tile, q0 // self.tile
+        c = tile_sum(valid.to(torch.float64), t) * batch  # (Qc, Kc)
+        self.sum[name][:, r:r + sums.shape[1], :sums.shape[2]] += sums.cpu()
+        self.count[name][r:r + c.shape[0], :c.shape[1]] += c.cpu()
+
+    def _check_range(self, name: str, q_max: int, k_max: int) -> None:
+        _, max_q, max_k = self.shapes[name]
+        if q_max >= max_q or k_max >= max_k:
+            raise APError(f"site {name!r}: positions up to {q_max}x{k_max} exceed the statistics size {max_q}x{max_k}")
 
     def mean(self, name: str) -> Tensor:
         """``(H, Q, K)`` mean probability per entry (0 where the entry was never valid); tiled: per tile."""

@@ -152,7 +152,7 @@ class CausalLMTask(PrunableTask):
         return dm, module
 
     def calibration_forward(self, batch: Tensor) -> None:
-        self.model(input_ids=batch, use_cache=False)
+        self.model(input_ids=batch, use_cache=False, logits_to_keep=1)  # only the attention counts: no (B, L, V) logits
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss  # (HF shifts the labels)

@@ -32,7 +32,7 @@ Semantics shared by all backends:
 """
 
 from .block import BLOCK_TILE, BlockPart, BlockPlan, block_backend, block_plan
-from .common import causal_mask, empty_tiles, keep_with_causal, needs_grad, tile_sum
+from .common import causal_mask, empty_tiles, keep_with_causal, needs_grad, tile_row_sums, tile_sum
 from .dense import eager_attention, sdpa_attention
 from .flex import FLEX_BLOCK_SIZE, FLEX_BLOCK_SIZE_CUDA, flex_backend, flex_block_mask, flex_block_size
 from .registry import BACKENDS, BIAS_BACKENDS, PROB_BACKENDS, Backend, attention, register_backend
@@ -41,5 +41,5 @@ __all__ = [
     "BACKENDS", "BIAS_BACKENDS", "BLOCK_TILE", "Backend", "BlockPart", "BlockPlan", "FLEX_BLOCK_SIZE",
     "FLEX_BLOCK_SIZE_CUDA", "PROB_BACKENDS", "attention", "block_backend", "block_plan", "causal_mask",
     "eager_attention", "empty_tiles", "flex_backend", "flex_block_mask", "flex_block_size", "keep_with_causal",
-    "needs_grad", "register_backend", "sdpa_attention", "tile_sum",
+    "needs_grad", "register_backend", "sdpa_attention", "tile_row_sums", "tile_sum",
 ]

@@ -39,6 +39,15 @@ def tile_sum(x: Tensor, bs: int, dtype: Optional[torch.dtype] = None) -> Tensor:
     return x.unflatten(-1, (-1, bs)).unflatten(-3, (-1, bs)).sum(dim=(-3, -1), dtype=dtype)
 
 
+def tile_row_sums(x: Tensor, bs: int) -> Tensor:
+    """``(..., Q, K)`` → ``(..., Q, ceil(K/bs))``: each row's sums over groups of ``bs`` keys (edge zero-padded), in
+    ``x``'s dtype (a contiguous reduction: the cheap half of a tile sum)."""
+    k = x.shape[-1]
+    if k % bs:
+        x = F.pad(x, (0, -k % bs))  # (..., Q, Kb*bs)
+    return x.unflatten(-1, (-1, bs)).sum(dim=-1)
+
+
 def empty_tiles(keep: Tensor, valid: Tensor, bs: int) -> tuple[int, int]:
     """``(tiles whose valid entries are all pruned, tiles with a valid entry)`` for bool ``keep``/``valid (..., Q, K)``."""
     has_valid = tile_sum(valid.double(), bs) > 0  # (..., Qb, Kb)
