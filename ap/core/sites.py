@@ -41,11 +41,12 @@ class SiteKind(str, Enum):
 
 
 log = logging.getLogger(__name__)
-# backend auto picks a block-sparse backend (block on CPU, flex on GPU) from this share of empty valid 64-tiles and this
-# many keys (scripts/benchmark.py, 2 CPU cores: at 75 % empty block was 2.06x / 2.08x faster than causal SDPA in
-# forward and 1.81x / 1.40x in forward+backward at L 512 / 2048; at 50 % about level, 1.11x / 0.98x at L 2048)
+# Backend auto on CPU runs every masked, unpadded call on block: the alternative is SDPA with a bool mask, which
+# scripts/benchmark.py found slower at every sparsity and length it measured (2 CPU cores, forward: at L 1024 block
+# 0.62x / 4.12x causal SDPA with 50 % / 90 % empty 64-tiles, masked SDPA 0.53x / 0.59x; element-wise masks with no
+# empty tile at L 128-2048: block 0.51-0.84x, masked SDPA 0.09-0.27x).
+# On CUDA flex needs this share of empty valid blocks:
 AUTO_SPARSE_MIN_EMPTY = 0.75
-AUTO_SPARSE_MIN_LEN = 512
 # On CUDA flex runs 128-blocks and the fused dense kernels are strong: scripts/gpu_check.py on an H200 (bf16, B1 H16
 # D64, 90 % of the valid 128-tiles empty) had flex 1.20-1.46x causal SDPA at 8k and 3.2-4.1x at 32k, but masks of
 # 64-tiles (128-blocks mostly visited) 0.24-0.95x, and the block backend 0.05-0.32x everywhere: auto counts empty
@@ -325,21 +326,21 @@ class AttentionSite(nn.Module):
                        q_pos: Tensor, k_pos: Tensor, window: tuple) -> str:
         """What ``backend="auto"`` runs for this call (logged once per site and choice)."""
         device = window[4]
-        cuda = device.type == "cuda"
-        if mask is None or padded or (cuda and dropout_p > 0):
-            choice = "sdpa"  # dense: the fused kernel; padded batches: per-batch masks; CUDA with attention
-            # dropout: flex has none and block is slower than SDPA there
+        if mask is None or padded:
+            choice = "sdpa"  # dense: the fused kernel; padded batches: per-row masks, planned on every call
+        elif device.type != "cuda":
+            choice = "block"  # on CPU block beats masked SDPA everywhere measured, and flex has no backward
+        elif dropout_p > 0:
+            choice = "sdpa"  # CUDA with attention dropout: flex has none and block is slower than SDPA there
         else:
             if window not in self._empty_tiles:
                 here = window[:4] + (mask.device,)  # counted where the mask is
                 keep = self._window_keep(mask, is_causal, q_pos, k_pos, here)[0]  # (H|1, Tq, Tk)
                 valid = self._window_keep(self._band(q_pos, k_pos), is_causal, q_pos, k_pos, here)[0]  # (1, Tq, Tk)
-                empty, total = empty_tiles(keep, valid.expand_as(keep), flex_block_size(device) if cuda else BLOCK_TILE)
+                empty, total = empty_tiles(keep, valid.expand_as(keep), flex_block_size(device))
                 self._empty_tiles[window] = empty / total
-            min_len = AUTO_SPARSE_MIN_LEN_CUDA if cuda else AUTO_SPARSE_MIN_LEN
-            big = window[3] >= min_len and self._empty_tiles[window] >= AUTO_SPARSE_MIN_EMPTY
-            # on CPU block beats flex in forward and has the backward flex lacks (torch 2.13); on CUDA flex
-            choice = ("flex" if cuda else "block") if big else "sdpa"
+            big = window[3] >= AUTO_SPARSE_MIN_LEN_CUDA and self._empty_tiles[window] >= AUTO_SPARSE_MIN_EMPTY
+            choice = "flex" if big else "sdpa"
         if (choice, training) not in self._auto_logged:
             self._auto_logged.add((choice, training))
             log.info(f"site {self.name}: backend auto -> {choice} ({'training' if training else 'inference'} on "

@@ -7,10 +7,10 @@ registered by name (like HF transformers' ``AttentionInterface``):
   the probabilities (used for calibration).
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; with no mask and ``is_causal`` it is the fused causal
   kernel (the honest dense baseline), with a bool mask it is a masked dense kernel (correct, not faster).
-- ``auto`` (resolved per call by ``AttentionSite``): on CPU ``block`` when the mask empties at least
-  ``AUTO_SPARSE_MIN_EMPTY`` of the valid 64-tiles of a window of ``AUTO_SPARSE_MIN_LEN`` keys or more (where
-  ``scripts/benchmark.py`` measured it ahead); on CUDA ``flex`` (no attention dropout) when that share of the valid
-  128-blocks is empty from ``AUTO_SPARSE_MIN_LEN_CUDA`` keys (``scripts/gpu_check.py``), never ``block``; else ``sdpa``.
+- ``auto`` (resolved per call by ``AttentionSite``): on CPU ``block`` for every masked, unpadded call (masked SDPA was
+  slower at every sparsity and length ``scripts/benchmark.py`` measured); on CUDA ``flex`` (no attention dropout) when
+  ``AUTO_SPARSE_MIN_EMPTY`` of the valid 128-blocks are empty from ``AUTO_SPARSE_MIN_LEN_CUDA`` keys
+  (``scripts/gpu_check.py``), never ``block``; else ``sdpa``.
 - ``block``: block-sparse attention from fused kernels, planned once per mask (``BlockPlan``): query tiles are grouped
   by their number of kept key tiles (and mask pattern); per group one fused call on the gathered kept tiles, so every
   query row's softmax is computed in one call and pruned tiles never are. On CPU without dropout (the flash path) the
