@@ -186,3 +186,30 @@ def test_block_sdpa_path_with_nothing_kept_stays_in_the_graph():
     assert out.abs().max() == 0 and out.requires_grad
     (grad,) = torch.autograd.grad(out.sum(), q)
     assert grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("bias_grad", [False, True])
+@pytest.mark.parametrize("causal,tq,tk,bias_batch", [(True, 150, 150, 2), (True, 128, 256, 1), (False, 70, 130, 2)])
+def test_block_adds_a_score_bias_like_eager(causal, tq, tk, bias_batch, bias_grad):
+    """A float score bias (Transformer-XL's relative-position term; memory sites are 128 x 256, bottom-right causal)
+    is gathered per kept tile like the mask: values and gradients equal eager attention with the same bias. A constant
+    bias runs the flash path (its backward takes the gathered bias), one that needs a gradient the SDPA path, which
+    also returns the bias's gradient; lone causal-diagonal tiles take the triangle as -inf, not the causal flag."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, tq, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 3, tk, 16, generator=g, requires_grad=True) for _ in range(2))
+    bias = torch.randn(bias_batch, 3, tq, tk, generator=g).requires_grad_(bias_grad)
+    tiles = torch.rand(3, -(-tq // 64), -(-tk // 64), generator=g) > 0.4  # (H, Qb, Kb)
+    mask = tiles.repeat_interleave(64, 1).repeat_interleave(64, 2)[:, :tq, :tk].clone()  # (H, Tq, Tk)
+    off = tk - tq if causal else 0
+    mask |= torch.arange(tk)[None, :] == torch.arange(tq)[:, None] + off  # the diagonal: every row keeps a key
+    mask[1] &= torch.rand(tq, tk, generator=g) > 0.2  # element holes in one head
+    ref, _ = attention(q, k, v, mask=mask, is_causal=causal, backend="eager", bias=bias)
+    out, _ = attention(q, k, v, mask=mask, is_causal=causal, backend="block", bias=bias)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    inputs = (q, k, v, bias) if bias_grad else (q, k, v)
+    for a, b in zip(grads(out, inputs), grads(ref, inputs)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, attention(q, k, v, mask=mask, is_causal=causal, backend="block")[0], atol=1e-3)
+    with pytest.raises(MaskError, match="score bias"):
+        attention(q, k, v, mask=mask, is_causal=causal, backend="block", bias=bias[..., :-1])

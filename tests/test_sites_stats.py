@@ -225,6 +225,8 @@ def test_auto_backend_choices():
     short = (0, 0, 64, 64, torch.device("cpu"))
     assert dense_ish.choose_backend(half[..., :64, :64], True, False, False, 0.0, q_pos[:, :64], k_pos[:, :64],
                                     short) == "block", "short"
+    step = (511, 0, 1, 512, torch.device("cpu"))  # one query against 512 cached keys: a decoding step
+    assert sparse.choose_backend(mask[..., -1:, :], True, False, False, 0.0, q_pos[:, -1:], k_pos, step) == "sdpa"
     assert sparse.choose_backend(mask, True, True, False, 0.0, q_pos, k_pos, window) == "sdpa", "padded batch"
     assert sparse.choose_backend(None, True, False, False, 0.0, q_pos, k_pos, window) == "sdpa", "no mask: dense"
     x = torch.randn(1, 2, 512, 8, requires_grad=True)  # training on CPU runs (block) and matches eager

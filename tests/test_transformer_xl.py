@@ -128,8 +128,9 @@ def test_row_score_hits_the_target_sparsity_like_the_papers(score):
                                                                                           CFG.tgt_len)].any()
 
 
-def test_block_backends_refuse_the_relative_position_bias():
-    model = TransformerXL(dataclasses.replace(CFG, backend="block")).eval()
+def test_flex_refuses_the_relative_position_bias():
+    """(block adds it per kept tile: tests/test_backend_defaults.py)"""
+    model = TransformerXL(dataclasses.replace(CFG, backend="flex")).eval()
     with pytest.raises(MaskError, match="cannot add a score bias"):
         model(torch.randint(0, 50, (1, CFG.tgt_len)))
 

@@ -173,7 +173,8 @@ class AttentionSite(nn.Module):
         self-attention without query padding: the new queries follow the row's real cached keys; otherwise 0.
         ``k_offset``: real position of the first real key, an int or per row ``(B, 1)`` (a sliding-window cache that
         dropped its oldest keys); default 0. ``bias``: float scores ``(B|1, H, Tq, Tk)`` added to the scaled ``q·k``
-        (backends eager and sdpa; ``auto`` then runs sdpa), e.g. Transformer-XL's relative-position term.
+        (backends eager, sdpa and block; ``auto`` on CUDA then runs sdpa), e.g. Transformer-XL's relative-position
+        term.
         """
         tq, tk = q.shape[-2], k.shape[-2]
         q_pos, k_pos = self._positions(tq, tk, q_padding, k_padding, q_offset, k_offset, q.device)
@@ -184,8 +185,8 @@ class AttentionSite(nn.Module):
             return self._calibrate_chunked(q, k, v, *self._call_mask(q_pos, k_pos, padded), dropout_p, scale, bias,
                                            q_pos, k_pos)
         backend = "eager" if need_probs else self.backend
-        if bias is not None and backend == "auto":
-            backend = "sdpa"  # the block-sparse backends add no score bias
+        if bias is not None and backend == "auto" and q.device.type == "cuda":
+            backend = "sdpa"  # flex adds no score bias and block is slower than SDPA on CUDA (on CPU block adds it)
         if backend in ("auto", "flex", "block"):  # (two host syncs: only for backends that cache per position window)
             window = (int(q_pos[0, 0]), int(k_pos[0, 0]), tq, tk, q.device)
         call: Optional[tuple[Optional[Tensor], bool]] = None  # this call's (mask, is_causal): built at most once
@@ -329,7 +330,9 @@ class AttentionSite(nn.Module):
         if mask is None or padded:
             choice = "sdpa"  # dense: the fused kernel; padded batches: per-row masks, planned on every call
         elif device.type != "cuda":
-            choice = "block"  # on CPU block beats masked SDPA everywhere measured, and flex has no backward
+            # on CPU block beats masked SDPA everywhere measured, and flex has no backward; a call of fewer queries
+            # than a tile (an incremental decoding step, a new window each step) would plan per step: SDPA
+            choice = "block" if window[2] >= BLOCK_TILE else "sdpa"
         elif dropout_p > 0:
             choice = "sdpa"  # CUDA with attention dropout: flex has none and block is slower than SDPA there
         else:

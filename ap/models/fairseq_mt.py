@@ -230,7 +230,7 @@ def _hand_query_padding(decoder: nn.Module, pad: Optional[Tensor]) -> None:
             m._query_padding = pad
 
 
-def attach_sites(model: nn.Module, max_source: int, max_target: int, backend: str = "sdpa") -> dict[str, str]:
+def attach_sites(model: nn.Module, max_source: int, max_target: int, backend: str = "auto") -> dict[str, str]:
     """Make every fairseq attention of an encoder-decoder ``model`` an AP site; returns ``{site name: kind}``.
 
     Masks are ``(heads, max_target|max_source, max_source|max_target)`` per kind; inputs longer than that raise.

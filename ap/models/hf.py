@@ -227,7 +227,7 @@ def _sliding_window(module: nn.Module) -> Optional[int]:
     return window
 
 
-def attach_sites(model: nn.Module, max_len: int, backend: str = "sdpa") -> dict[str, AttentionSite]:
+def attach_sites(model: nn.Module, max_len: int, backend: str = "auto") -> dict[str, AttentionSite]:
     """Give each attention module of ``model`` an ``ap_site`` child and switch the model to the ``"ap"`` implementation.
 
     Attention modules are those with a ``scaling`` attribute and a head count (how transformers v5 attention modules

@@ -26,7 +26,7 @@ class TransformerLMConfig:
     d_model: int = 128
     d_ff: int = 512
     dropout: float = 0.1
-    backend: str = "sdpa"  # attention backend outside calibration (ap.core.attention.BACKENDS)
+    backend: str = "auto"  # attention backend outside calibration (ap.core.attention.BACKENDS)
     tie_embeddings: bool = True
     memory: ClassVar[bool] = False  # no memory across batches: task=lm reads independent blocks
 

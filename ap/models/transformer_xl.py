@@ -47,7 +47,8 @@ class TransformerXLConfig:
     cutoffs: list[int] = field(default_factory=list)  # adaptive softmax cluster boundaries; [] = full softmax
     div_value: float = 4.0  # adaptive softmax: each tail cluster's projection is div_value times smaller
     pre_lnorm: bool = False  # LayerNorm before each sub-layer (the reference's default is after)
-    backend: str = "sdpa"  # attention backend outside calibration: eager | sdpa (the position term is a score bias)
+    backend: str = "auto"  # attention backend outside calibration: auto | sdpa | eager | block (the position term is a
+    # score bias, which flex cannot add)
     memory: ClassVar[bool] = True  # memory across segments: task=lm reads ordered streams (ap.tasks.lm)
 
     def build(self) -> "TransformerXL":

@@ -127,7 +127,7 @@ class CausalLMTask(PrunableTask):
 
     pretrained = True  # the dense stage evaluates the model as loaded: it is not trained
 
-    def __init__(self, name_or_path: str, max_seq_len: int, backend: str = "sdpa", lr: float = 1e-5,
+    def __init__(self, name_or_path: str, max_seq_len: int, backend: str = "auto", lr: float = 1e-5,
                  weight_decay: float = 0.0, warmup_steps: int = 0, dtype: str = "float32") -> None:
         super().__init__()
         self.save_hyperparameters()

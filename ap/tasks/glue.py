@@ -128,7 +128,7 @@ class GlueTask(PrunableTask):
     test_split = False  # GLUE's test sets have no labels
 
     def __init__(self, name_or_path: str, task: str, max_seq_len: int = 128, lr: float = 5e-5,
-                 weight_decay: float = 0.01, warmup_ratio: float = 0.1, backend: str = "sdpa",
+                 weight_decay: float = 0.01, warmup_ratio: float = 0.1, backend: str = "auto",
                  new_head: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -32,6 +32,7 @@ class BlockPart:
     bias: Optional[Tensor] = None  # (1, 1|c, bs, n*bs) float 0 / -inf (1: one pattern for all rows); None = all kept
     all_q: bool = False  # q_rows is every query tile in order: no query gather
     all_k: bool = False  # k_flat is every key position in order: no key/value gather
+    score_index: Optional[Tensor] = None  # (c*bs*n*bs,) entries of a flattened (H*Qp*Kp) score bias, built on first use
 
 
 @dataclass
@@ -145,7 +146,7 @@ def _tiles(x: Tensor, bs: int, name: Optional[str] = None) -> Tensor:
     if t == tp and x.is_contiguous():
         return x.view(b, h * tp // bs, bs, d)
     if name is None:
-        return F.pad(x, (0, 0, 0, tp - t)).reshape(b, h * tp // bs, bs, d)
+        return F.pad(x, (0, 0, 0, tp - t)).contiguous().view(b, h * tp // bs, bs, d)
     out = _scratch(name, (b, h, tp, d), x)
     out[:, :, :t].copy_(x)
     out[:, :, t:].zero_()
@@ -170,19 +171,47 @@ def _part_inputs(part: BlockPart, q_t: Tensor, k_t: Tensor, v_t: Tensor, scratch
     return qg, k_f.view(b, c, part.n * bs, d), v_f.view(b, c, part.n * bs, d)
 
 
-def _bias(part: BlockPart, like: Tensor) -> Optional[Tensor]:
-    return None if part.bias is None else part.bias.to(device=like.device, dtype=like.dtype)
+def _flat_scores(scores: Optional[Tensor], plan: BlockPlan) -> Optional[Tensor]:
+    """A score bias ``(B|1, H|1, Tq, Tk)`` as ``(B|1, H*Qp*Kp)`` (zero-padded to whole tiles) for ``_bias``."""
+    if scores is None:
+        return None
+    qp, kp = -(-plan.tq // plan.bs) * plan.bs, -(-plan.tk // plan.bs) * plan.bs
+    full = scores.expand(scores.shape[0], plan.n_heads, plan.tq, plan.tk)  # (B|1, H, Tq, Tk)
+    return F.pad(full, (0, kp - plan.tk, 0, qp - plan.tq)).reshape(scores.shape[0], -1)
 
 
-def _flash_forward(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float) -> tuple[Tensor, Tensor]:
+def _bias(part: BlockPart, plan: BlockPlan, like: Tensor, flat: Optional[Tensor]) -> Optional[Tensor]:
+    """The float mask of a part's call: its 0/-inf pattern (``(1, 1|c, bs, n*bs)``) plus, with a score bias
+    (``flat`` from ``_flat_scores``), that bias gathered at the part's kept tiles (``(B|1, c, bs, n*bs)``; then the
+    causal diagonal as -inf, not as the kernel's causal flag, which takes no mask)."""
+    pattern = None if part.bias is None else part.bias.to(device=like.device, dtype=like.dtype)
+    if flat is None:
+        return pattern
+    bs, n, c = plan.bs, part.n, part.q_rows.numel()
+    if part.score_index is None or part.score_index.device != like.device:
+        kp = -(-plan.tk // bs) * bs
+        rows = part.q_rows[:, None] * bs + torch.arange(bs, device=like.device)  # (c, bs) rows of (H*Qp)
+        keys = part.k_flat.view(c, n * bs) % kp  # (c, n*bs) key positions
+        part.score_index = (rows[:, :, None] * kp + keys[:, None, :]).flatten()  # (c*bs*n*bs,)
+    out = flat.index_select(1, part.score_index).view(-1, c, bs, n * bs).to(like.dtype)  # (B|1, c, bs, n*bs)
+    if part.causal:  # a lone diagonal tile: its lower triangle
+        pattern = torch.zeros(bs, bs, device=like.device, dtype=like.dtype).masked_fill(
+            ~torch.ones(bs, bs, dtype=torch.bool, device=like.device).tril(), _NEG_INF)
+    return out if pattern is None else out + pattern
+
+
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float,
+                   scores: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The CPU flash path: ``out (B, H*Qb, bs, D)`` and ``logsumexp (B, H*Qb, bs)`` (0 where nothing is kept)."""
     b, _, _, d = q.shape
     q_t, k_t, v_t = _tiles(q, plan.bs, "q"), _tiles(k, plan.bs, "k"), _tiles(v, plan.bs, "v")
     out, lse = q.new_empty(q_t.shape), q.new_empty(q_t.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
     out.index_fill_(1, plan.uncovered, 0.0), lse.index_fill_(1, plan.uncovered, 0.0)
+    flat = _flat_scores(scores, plan)  # (B|1, H*Qp*Kp) or None
     for part in plan.parts:
         qg, kg, vg = _part_inputs(part, q_t, k_t, v_t, scratch=True)
-        o, l = _flash_cpu(qg, kg, vg, 0.0, part.causal, attn_mask=_bias(part, q), scale=scale)  # (B,c,bs,D), (B,c,bs)
+        causal = part.causal and scores is None
+        o, l = _flash_cpu(qg, kg, vg, 0.0, causal, attn_mask=_bias(part, plan, q, flat), scale=scale)  # (B,c,bs,D)
         out.index_copy_(1, part.q_rows, o)
         lse.index_copy_(1, part.q_rows, l)
     return out, lse
@@ -193,10 +222,11 @@ class _FlashBlockAttention(torch.autograd.Function):
     (saves only q, k, v, the output and its log-sum-exp, like dense flash attention)."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float) -> Tensor:
-        out, lse = _flash_forward(q, k, v, plan, scale)
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float,
+                scores: Optional[Tensor]) -> Tensor:
+        out, lse = _flash_forward(q, k, v, plan, scale, scores)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.scores = plan, scale, scores  # (a constant score bias: no gradient for it)
         b, h, tq, d = q.shape
         return out.view(b, h, -1, d)[:, :, :tq].clone()  # (B, H, Tq, D)
 
@@ -208,28 +238,36 @@ class _FlashBlockAttention(torch.autograd.Function):
         b, h, tq, d = q.shape
         q_t, k_t, v_t, g_t = (_tiles(x, bs, name) for x, name in ((q, "q"), (k, "k"), (v, "v"), (grad, "g")))
         dq, dk, dv = torch.zeros_like(q_t), torch.zeros_like(k_t).view(b, -1, d), torch.zeros_like(v_t).view(b, -1, d)
+        flat = _flat_scores(ctx.scores, plan)  # (B|1, H*Qp*Kp) or None
         for part in plan.parts:
             qg, kg, vg = _part_inputs(part, q_t, k_t, v_t, scratch=True)
             sel = (lambda x: x) if part.all_q else (lambda x: x.index_select(1, part.q_rows))  # noqa: E731
-            gq, gk, gv = _flash_cpu_backward(sel(g_t), qg, kg, vg, sel(out), sel(lse), 0.0, part.causal,
-                                             attn_mask=_bias(part, q), scale=ctx.scale)  # (B, c, bs|n*bs, D)
+            gq, gk, gv = _flash_cpu_backward(sel(g_t), qg, kg, vg, sel(out), sel(lse), 0.0,
+                                             part.causal and ctx.scores is None,
+                                             attn_mask=_bias(part, plan, q, flat), scale=ctx.scale)
+            # (B, c, bs|n*bs, D)
             dq.index_copy_(1, part.q_rows, gq)
             dk.index_add_(1, part.k_flat, gk.flatten(1, 2))
             dv.index_add_(1, part.k_flat, gv.flatten(1, 2))
         tk = k.shape[2]
         return (dq.view(b, h, -1, d)[:, :, :tq], dk.view(b, h, -1, d)[:, :, :tk], dv.view(b, h, -1, d)[:, :, :tk],
-                None, None)
+                None, None, None)
 
 
-def _sdpa_block(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, dropout_p: float, scale: float) -> Tensor:
-    """The SDPA path (any device, dropout; autograd through SDPA): ``(B, H, Tq, D)``."""
+def _sdpa_block(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, dropout_p: float, scale: float,
+                scores: Optional[Tensor] = None) -> Tensor:
+    """The SDPA path (any device, dropout, a score bias that needs a gradient; autograd through SDPA):
+    ``(B, H, Tq, D)``."""
     b, h, tq, d = q.shape
     q_t, k_t, v_t = _tiles(q, plan.bs), _tiles(k, plan.bs), _tiles(v, plan.bs)
-    outs = [F.scaled_dot_product_attention(*_part_inputs(part, q_t, k_t, v_t, scratch=False), attn_mask=_bias(part, q),
-                                           dropout_p=dropout_p, is_causal=part.causal, scale=scale)
+    flat = _flat_scores(scores, plan)  # (B|1, H*Qp*Kp) or None
+    outs = [F.scaled_dot_product_attention(*_part_inputs(part, q_t, k_t, v_t, scratch=False),
+                                           attn_mask=_bias(part, plan, q, flat), dropout_p=dropout_p,
+                                           is_causal=part.causal and scores is None, scale=scale)
             for part in plan.parts]  # (B, c, bs, D) each
     # (B, H*Qb, bs, D): rows in no part stay 0; tied to q, k, v (exact zeros) so autograd sees them used
-    out = q.new_zeros(q_t.shape) + (q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum())
+    tie = q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum() + (0 if scores is None else scores[..., :0].sum())
+    out = q.new_zeros(q_t.shape) + tie
     if outs:
         out = out.index_copy(1, torch.cat([p.q_rows for p in plan.parts]), torch.cat(outs, dim=1))
     return out.view(b, h, -1, d)[:, :, :tq]
@@ -238,13 +276,15 @@ def _sdpa_block(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, dropout_p: flo
 @register_backend("block")
 def block_backend(
     q: Tensor, k: Tensor, v: Tensor, mask: Any, is_causal: bool, dropout_p: float, scale: float, need_probs: bool,
+    bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Block-sparse attention from fused kernels: per ``BlockPart`` of a ``BlockPlan`` one attention call on the
     gathered kept tiles; pruned tiles are never computed.
 
     On CPU without dropout (the flash path) the calls are PyTorch's CPU flash-attention kernel with a backward of its
-    own; otherwise (GPU, attention dropout) SDPA with autograd. ``mask``: a prepared ``BlockPlan`` (callers cache it
-    per position window) or a bool keep-mask (planned per call).
+    own; otherwise (GPU, attention dropout, a score ``bias`` that needs a gradient) SDPA with autograd. ``mask``: a
+    prepared ``BlockPlan`` (callers cache it per position window) or a bool keep-mask (planned per call). ``bias``
+    ``(B|1, H|1, Tq, Tk)``: float scores added to the scaled ``q·k``, gathered per kept tile like the mask.
     """
     b, h, tq, d = q.shape
     if k.shape != v.shape or k.shape[:2] != (b, h) or k.shape[-1] != d:
@@ -263,15 +303,20 @@ def block_backend(
         if keep.dim() == 4 and keep.shape[0] > 1:  # per-row masks (padding): batch rows become heads of one row
             keep = keep.expand(b, h, tq, k.shape[-2]).flatten(0, 1)  # (B*H, Tq, Tk)
             fold = [t.reshape(1, b * h, t.shape[-2], t.shape[-1]) for t in (q, k, v)]  # (1, B*H, T, D)
-            out, _ = block_backend(*fold, keep, False, dropout_p, scale, need_probs)
+            folded_bias = None if bias is None else bias.expand(b, h, tq, k.shape[-2]).reshape(1, b * h, tq, -1)
+            out, _ = block_backend(*fold, keep, False, dropout_p, scale, need_probs, bias=folded_bias)
             return out.view(b, h, tq, -1), None
         if keep.dim() == 4:
             keep = keep[0]
         plan = block_plan(keep, h)
     if (plan.tq, plan.tk, plan.n_heads) != (tq, k.shape[-2], h):
         raise MaskError(f"BlockPlan for {plan.n_heads} heads x {plan.tq} x {plan.tk} used on {h} x {tq} x {k.shape[-2]}")
-    if q.device.type == "cpu" and dropout_p == 0:
+    if bias is not None and (bias.dim() != 4 or bias.shape[1] not in (1, h) or bias.shape[0] not in (1, b)
+                             or bias.shape[2:] != (tq, k.shape[-2])):
+        raise MaskError(f"a score bias for the block backend must be (B|1, H|1, Tq, Tk) = ({b}|1, {h}|1, {tq}, "
+                        f"{k.shape[-2]}), got {tuple(bias.shape)}")
+    if q.device.type == "cpu" and dropout_p == 0 and not (bias is not None and needs_grad(bias)):
         if needs_grad(q, k, v):
-            return _FlashBlockAttention.apply(q, k, v, plan, scale), None
-        return _flash_forward(q, k, v, plan, scale)[0].view(b, h, -1, d)[:, :, :tq], None
-    return _sdpa_block(q, k, v, plan, dropout_p, scale), None
+            return _FlashBlockAttention.apply(q, k, v, plan, scale, bias), None
+        return _flash_forward(q, k, v, plan, scale, bias)[0].view(b, h, -1, d)[:, :, :tq], None
+    return _sdpa_block(q, k, v, plan, dropout_p, scale, bias), None

@@ -41,7 +41,7 @@ class TranslationTask(PrunableTask):
     def __init__(self, fairseq_task: Any, arch: str = "transformer", args: Optional[dict[str, Any]] = None,
                  checkpoint: Optional[str] = None, checkpoint_trusted: bool = False, max_source_positions: int = 256,
                  max_target_positions: int = 256,
-                 backend: str = "sdpa", post_process: str = "sentencepiece", label_smoothing: float = 0.1,
+                 backend: str = "auto", post_process: str = "sentencepiece", label_smoothing: float = 0.1,
                  lr: float = 1e-3, warmup_updates: int = 4000, warmup_init_lr: float = 1e-7,
                  betas: tuple[float, float] = (0.9, 0.98), weight_decay: float = 0.0, beam: int = 5,
                  lenpen: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10, bleu: str = "sacrebleu",
