@@ -31,6 +31,8 @@ def test_flex_site_caches_block_masks_and_matches_eager_in_the_lm():
     masks.install(model)
     model.eval()
     with torch.no_grad():
+        for block in model.blocks:
+            block.attn.site.backend = "sdpa"
         ref = model(batches[0])[0]
         for block in model.blocks:
             block.attn.site.backend = "flex"
