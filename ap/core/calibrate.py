@@ -25,8 +25,8 @@ from .threshold import achieved_by_kind, achieved_sparsity, block_sparsity, buil
 
 class StatsRecorder:
     """What ``recording`` installs on every site: called with probabilities ``(B, H, Tq, Tk)``; with tiled statistics
-    also ``row_tiles`` (per-row tile sums of an aligned call) and ``chunk_tile`` (sites then compute the attention a
-    chunk of query rows at a time, never holding ``(B, H, Tq, Tk)``; 0 turns that off)."""
+    also ``row_tiles`` (per-row tile sums of a call that is ``aligned``) and ``chunk_tile`` (sites then compute the
+    attention a chunk of query rows at a time, never holding ``(B, H, Tq, Tk)``; 0 turns that off)."""
 
     def __init__(self, stats: AttentionStats, first: Optional[str]) -> None:
         self.stats, self.first = stats, first
@@ -35,6 +35,10 @@ class StatsRecorder:
     def __call__(self, site: AttentionSite, probs: Tensor, q_pos: Tensor, k_pos: Tensor) -> None:
         self.stats.record(site, probs, q_pos, k_pos)
         self._count(site, q_pos, probs.shape[0])
+
+    def aligned(self, q_pos: Tensor, k_pos: Tensor) -> bool:
+        """Whether a call at these positions may hand ``row_tiles`` (``AttentionStats.aligned``)."""
+        return self.stats.aligned(q_pos, k_pos)
 
     def row_tiles(self, site: AttentionSite, rows: Tensor, q_pos: Tensor, k_pos: Tensor) -> None:
         """``rows (B, H, Tq, ceil(Tk/tile))``: see ``AttentionStats.update_row_tiles``."""

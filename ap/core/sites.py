@@ -241,8 +241,7 @@ class AttentionSite(nn.Module):
         tk, tile = k.shape[-2], self.recorder.chunk_tile
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         shift = tk - tq  # bottom-right causal: row i sees keys j <= i + shift
-        by_tiles = (hasattr(self.recorder, "row_tiles") and q_pos.shape[0] == 1 and k_pos.shape[0] == 1
-                    and int(k_pos[0, 0]) == 0 and int(q_pos[0, 0]) % tile == 0 and int(q_pos[0, 0]) >= 0
+        by_tiles = (hasattr(self.recorder, "row_tiles") and self.recorder.aligned(q_pos, k_pos)
                     and (not is_causal or int(q_pos[0, 0]) + self.causal_shift == shift))  # index = real causality
         kf, vf = k.float().transpose(-2, -1), v.float()  # (B, H, D, Tk), (B, H, Tk, Dv)
         out = q.new_empty(b, h, tq, v.shape[-1])  # (B, H, Tq, Dv)

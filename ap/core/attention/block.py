@@ -172,7 +172,7 @@ def _part_inputs(part: BlockPart, q_t: Tensor, k_t: Tensor, v_t: Tensor, scratch
 
 
 def _flat_scores(scores: Optional[Tensor], plan: BlockPlan) -> Optional[Tensor]:
-    """A score bias ``(B|1, H|1, Tq, Tk)`` as ``(B|1, H*Qp*Kp)`` (zero-padded to whole tiles) for ``_bias``."""
+    """A score bias ``(B|1, H|1, Tq, Tk)`` as ``(B|1, H*Qp*Kp)`` (zero-padded to whole tiles) for ``_call_mask``."""
     if scores is None:
         return None
     qp, kp = -(-plan.tq // plan.bs) * plan.bs, -(-plan.tk // plan.bs) * plan.bs
@@ -180,13 +180,13 @@ def _flat_scores(scores: Optional[Tensor], plan: BlockPlan) -> Optional[Tensor]:
     return F.pad(full, (0, kp - plan.tk, 0, qp - plan.tq)).reshape(scores.shape[0], -1)
 
 
-def _bias(part: BlockPart, plan: BlockPlan, like: Tensor, flat: Optional[Tensor]) -> Optional[Tensor]:
-    """The float mask of a part's call: its 0/-inf pattern (``(1, 1|c, bs, n*bs)``) plus, with a score bias
-    (``flat`` from ``_flat_scores``), that bias gathered at the part's kept tiles (``(B|1, c, bs, n*bs)``; then the
-    causal diagonal as -inf, not as the kernel's causal flag, which takes no mask)."""
+def _call_mask(part: BlockPart, plan: BlockPlan, like: Tensor, flat: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
+    """A part's kernel arguments ``(attn_mask, is_causal)``: its 0/-inf pattern (``(1, 1|c, bs, n*bs)``) and causal
+    flag, or with a score bias (``flat`` from ``_flat_scores``) that bias gathered at the part's kept tiles plus the
+    pattern (``(B|1, c, bs, n*bs)``; a causal diagonal as -inf, since the kernel's causal flag takes no mask)."""
     pattern = None if part.bias is None else part.bias.to(device=like.device, dtype=like.dtype)
     if flat is None:
-        return pattern
+        return pattern, part.causal
     bs, n, c = plan.bs, part.n, part.q_rows.numel()
     if part.score_index is None or part.score_index.device != like.device:
         kp = -(-plan.tk // bs) * bs
@@ -197,21 +197,21 @@ def _bias(part: BlockPart, plan: BlockPlan, like: Tensor, flat: Optional[Tensor]
     if part.causal:  # a lone diagonal tile: its lower triangle
         pattern = torch.zeros(bs, bs, device=like.device, dtype=like.dtype).masked_fill(
             ~torch.ones(bs, bs, dtype=torch.bool, device=like.device).tril(), _NEG_INF)
-    return out if pattern is None else out + pattern
+    return (out if pattern is None else out + pattern), False
 
 
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float,
-                   scores: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """The CPU flash path: ``out (B, H*Qb, bs, D)`` and ``logsumexp (B, H*Qb, bs)`` (0 where nothing is kept)."""
+                   flat: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The CPU flash path: ``out (B, H*Qb, bs, D)`` and ``logsumexp (B, H*Qb, bs)`` (0 where nothing is kept);
+    ``flat``: a score bias from ``_flat_scores``."""
     b, _, _, d = q.shape
     q_t, k_t, v_t = _tiles(q, plan.bs, "q"), _tiles(k, plan.bs, "k"), _tiles(v, plan.bs, "v")
     out, lse = q.new_empty(q_t.shape), q.new_empty(q_t.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
     out.index_fill_(1, plan.uncovered, 0.0), lse.index_fill_(1, plan.uncovered, 0.0)
-    flat = _flat_scores(scores, plan)  # (B|1, H*Qp*Kp) or None
     for part in plan.parts:
         qg, kg, vg = _part_inputs(part, q_t, k_t, v_t, scratch=True)
-        causal = part.causal and scores is None
-        o, l = _flash_cpu(qg, kg, vg, 0.0, causal, attn_mask=_bias(part, plan, q, flat), scale=scale)  # (B,c,bs,D)
+        mask, causal = _call_mask(part, plan, q, flat)
+        o, l = _flash_cpu(qg, kg, vg, 0.0, causal, attn_mask=mask, scale=scale)  # (B, c, bs, D), (B, c, bs)
         out.index_copy_(1, part.q_rows, o)
         lse.index_copy_(1, part.q_rows, l)
     return out, lse
@@ -224,9 +224,10 @@ class _FlashBlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float,
                 scores: Optional[Tensor]) -> Tensor:
-        out, lse = _flash_forward(q, k, v, plan, scale, scores)
+        flat = _flat_scores(scores, plan)  # (B|1, H*Qp*Kp) or None
+        out, lse = _flash_forward(q, k, v, plan, scale, flat)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale, ctx.scores = plan, scale, scores  # (a constant score bias: no gradient for it)
+        ctx.plan, ctx.scale, ctx.flat = plan, scale, flat  # (a constant score bias: no gradient for it)
         b, h, tq, d = q.shape
         return out.view(b, h, -1, d)[:, :, :tq].clone()  # (B, H, Tq, D)
 
@@ -238,14 +239,12 @@ class _FlashBlockAttention(torch.autograd.Function):
         b, h, tq, d = q.shape
         q_t, k_t, v_t, g_t = (_tiles(x, bs, name) for x, name in ((q, "q"), (k, "k"), (v, "v"), (grad, "g")))
         dq, dk, dv = torch.zeros_like(q_t), torch.zeros_like(k_t).view(b, -1, d), torch.zeros_like(v_t).view(b, -1, d)
-        flat = _flat_scores(ctx.scores, plan)  # (B|1, H*Qp*Kp) or None
         for part in plan.parts:
             qg, kg, vg = _part_inputs(part, q_t, k_t, v_t, scratch=True)
             sel = (lambda x: x) if part.all_q else (lambda x: x.index_select(1, part.q_rows))  # noqa: E731
-            gq, gk, gv = _flash_cpu_backward(sel(g_t), qg, kg, vg, sel(out), sel(lse), 0.0,
-                                             part.causal and ctx.scores is None,
-                                             attn_mask=_bias(part, plan, q, flat), scale=ctx.scale)
-            # (B, c, bs|n*bs, D)
+            mask, causal = _call_mask(part, plan, q, ctx.flat)
+            gq, gk, gv = _flash_cpu_backward(sel(g_t), qg, kg, vg, sel(out), sel(lse), 0.0, causal, attn_mask=mask,
+                                             scale=ctx.scale)  # (B, c, bs|n*bs, D)
             dq.index_copy_(1, part.q_rows, gq)
             dk.index_add_(1, part.k_flat, gk.flatten(1, 2))
             dv.index_add_(1, part.k_flat, gv.flatten(1, 2))
@@ -261,10 +260,11 @@ def _sdpa_block(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, dropout_p: flo
     b, h, tq, d = q.shape
     q_t, k_t, v_t = _tiles(q, plan.bs), _tiles(k, plan.bs), _tiles(v, plan.bs)
     flat = _flat_scores(scores, plan)  # (B|1, H*Qp*Kp) or None
-    outs = [F.scaled_dot_product_attention(*_part_inputs(part, q_t, k_t, v_t, scratch=False),
-                                           attn_mask=_bias(part, plan, q, flat), dropout_p=dropout_p,
-                                           is_causal=part.causal and scores is None, scale=scale)
-            for part in plan.parts]  # (B, c, bs, D) each
+    outs = []
+    for part in plan.parts:
+        mask, causal = _call_mask(part, plan, q, flat)
+        outs.append(F.scaled_dot_product_attention(*_part_inputs(part, q_t, k_t, v_t, scratch=False), attn_mask=mask,
+                                                   dropout_p=dropout_p, is_causal=causal, scale=scale))  # (B,c,bs,D)
     # (B, H*Qb, bs, D): rows in no part stay 0; tied to q, k, v (exact zeros) so autograd sees them used
     tie = q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum() + (0 if scores is None else scores[..., :0].sum())
     out = q.new_zeros(q_t.shape) + tie
@@ -318,5 +318,5 @@ def block_backend(
     if q.device.type == "cpu" and dropout_p == 0 and not (bias is not None and needs_grad(bias)):
         if needs_grad(q, k, v):
             return _FlashBlockAttention.apply(q, k, v, plan, scale, bias), None
-        return _flash_forward(q, k, v, plan, scale, bias)[0].view(b, h, -1, d)[:, :, :tq], None
+        return _flash_forward(q, k, v, plan, scale, _flat_scores(bias, plan))[0].view(b, h, -1, d)[:, :, :tq], None
     return _sdpa_block(q, k, v, plan, dropout_p, scale, bias), None

@@ -14,7 +14,8 @@ from ..errors import MaskError
 Backend = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], bool, float, float, bool], "tuple[Tensor, Optional[Tensor]]"]
 BACKENDS: dict[str, Backend] = {}
 PROB_BACKENDS: set[str] = set()
-BIAS_BACKENDS = {"eager", "sdpa", "block"}  # backends that add a score ``bias`` (called with ``bias=`` only when one is given)
+# backends that add a score ``bias`` (called with ``bias=`` only when one is given)
+BIAS_BACKENDS = {"eager", "sdpa", "block"}
 
 
 def register_backend(name: str, returns_probs: bool = False) -> Callable[[Backend], Backend]:
