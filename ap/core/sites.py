@@ -43,8 +43,8 @@ class SiteKind(str, Enum):
 log = logging.getLogger(__name__)
 # Backend auto on CPU runs every masked, unpadded call on block: the alternative is SDPA with a bool mask, which
 # scripts/benchmark.py found slower at every sparsity and length it measured (2 CPU cores, forward: at L 1024 block
-# 0.62x / 4.12x causal SDPA with 50 % / 90 % empty 64-tiles, masked SDPA 0.53x / 0.59x; element-wise masks with no
-# empty tile at L 128-2048: block 0.51-0.84x, masked SDPA 0.09-0.27x).
+# 0.62x / 4.12x causal SDPA with 50 % / 90 % empty 64-tiles, masked SDPA 0.53x / 0.59x; fwd+bwd 0.84x / 2.67x against
+# 0.73x / 0.70x).
 # On CUDA flex needs this share of empty valid blocks:
 AUTO_SPARSE_MIN_EMPTY = 0.75
 # On CUDA flex runs 128-blocks and the fused dense kernels are strong: scripts/gpu_check.py on an H200 (bf16, B1 H16
