@@ -34,7 +34,7 @@ install-clm: install
 	$(PIP) install -e ".[clm]"
 
 install-test: install-fairseq
-	$(PIP) install -e ".[test,hf,sweep]"
+	$(PIP) install -e ".[test,hf,minilm,sweep]"
 
 data:
 	$(PYTHON) scripts/prepare_data.py lm_sample
