@@ -213,3 +213,46 @@ def test_block_adds_a_score_bias_like_eager(causal, tq, tk, bias_batch, bias_gra
     assert not torch.allclose(out, attention(q, k, v, mask=mask, is_causal=causal, backend="block")[0], atol=1e-3)
     with pytest.raises(MaskError, match="score bias"):
         attention(q, k, v, mask=mask, is_causal=causal, backend="block", bias=bias[..., :-1])
+
+
+@pytest.mark.parametrize("layout", ["fused qkv", "shared kv head", "head-dim slice"])
+@pytest.mark.parametrize("pattern", ["diagonal only", "random tiles"])
+@pytest.mark.parametrize("length", [256, 300])
+def test_block_reads_strided_inputs_in_place(layout, pattern, length, monkeypatch):
+    """Inputs as models pass them: views of one fused QKV projection, one K/V head expanded over all query heads
+    (stride 0) and a slice of a wider head dimension. Values and gradients equal eager attention, also for the
+    every-query-tile-keeps-its-diagonal part that runs on per-batch-row views. With whole tiles (256) no input is
+    copied (no scratch buffer for q, k or v in the forward); at 300 they are (zero-padded tiles). The output is laid
+    out (B, L, H, D), as dense flash attention returns it, so a model's (B, L, H*D) reshape is a view."""
+    from ap.core.attention import block
+
+    g = torch.Generator().manual_seed(7)
+    h, n = 4, -(-length // 64)
+    tiles = torch.eye(n, dtype=torch.bool).expand(h, n, n).clone()  # (H, Qb, Kb)
+    if pattern == "random tiles":
+        tiles |= torch.rand(h, n, n, generator=g) > 0.6
+    mask = tiles.repeat_interleave(64, 1).repeat_interleave(64, 2)[:, :length, :length].clone()
+    if layout == "fused qkv":
+        leaf = torch.randn(2, length, 3, h, 16, generator=g, requires_grad=True)  # (B, L, 3, H, D)
+        q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D) views
+    elif layout == "shared kv head":
+        leaf = torch.randn(3, 2, 1, length, 16, generator=g, requires_grad=True)  # q, k, v with one head
+        q = leaf[0].expand(2, h, length, 16) * 1.0  # (B, H, L, D) materialised queries
+        k, v = leaf[1].expand(2, h, length, 16), leaf[2].expand(2, h, length, 16)  # head stride 0
+    else:
+        leaf = torch.randn(3, 2, h, length, 32, generator=g, requires_grad=True)
+        q, k, v = leaf[..., :16].unbind(0)  # (B, H, L, 16) of rows of 32
+    requested = []
+    scratch = block._scratch
+    monkeypatch.setattr(block, "_scratch", lambda name, *a: requested.append(name) or scratch(name, *a))
+    out, _ = attention(q, k, v, mask=mask, is_causal=True, backend="block")
+    assert not {"q", "k", "v"} & set(requested) if length % 64 == 0 else {"q", "k", "v"} <= set(requested)
+    assert out.transpose(1, 2).is_contiguous() == (length % 64 == 0)
+    ref, _ = attention(q, k, v, mask=mask, is_causal=True, backend="eager")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(out.shape, generator=g)  # a gradient that is not all ones
+    (got,), (want,) = (torch.autograd.grad((o * w).sum(), leaf, retain_graph=True) for o in (out, ref))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the inference path (no log-sum-exp kept)
+        torch.testing.assert_close(attention(q, k, v, mask=mask, is_causal=True, backend="block")[0], ref,
+                                   atol=1e-5, rtol=1e-5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -33,6 +33,7 @@ class BlockPart:
     all_q: bool = False  # q_rows is every query tile in order: no query gather
     all_k: bool = False  # k_flat is every key position in order: no key/value gather
     score_index: Optional[Tensor] = None  # (c*bs*n*bs,) entries of a flattened (H*Qp*Kp) score bias, built on first use
+    index: dict[tuple, Tensor] = field(default_factory=dict)  # rows read per input layout (``_part_index``), lazily
 
 
 @dataclass
@@ -138,37 +139,106 @@ def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     return bufs[key][:n].view(shape)
 
 
-def _tiles(x: Tensor, bs: int, name: Optional[str] = None) -> Tensor:
-    """``x (B, H, T, D)`` → contiguous ``(B, H*ceil(T/bs), bs, D)``, zero rows past ``T``: a view when possible, else
-    a copy into scratch buffer ``name`` (or new memory when None)."""
+@dataclass
+class _Rows:
+    """``x (B, H, T, D)`` as the rows of an ``(N, D)`` view ``rows``: (batch b, head h, position t) is row
+    ``b*sb + h*sh + t*st`` (no copy for a strided view such as a fused QKV projection's; a copy when ``T`` is not
+    whole tiles). Gathers index one 2-D tensor: ``index_select`` on a strided 3-D view measured 200x slower."""
+
+    rows: Tensor
+    sb: int
+    sh: int
+    st: int
+    b: int
+    h: int
+    t: int  # positions (whole tiles)
+
+    def index(self, heads: Tensor, pos: Tensor) -> Tensor:
+        """Row indices ``(B * n,)`` of ``(heads, pos)`` (broadcast, ``n`` entries) in every batch row, batch-major."""
+        within = (heads * self.sh + pos * self.st).flatten()  # (n,)
+        return (torch.arange(self.b, device=within.device)[:, None] * self.sb + within).flatten()
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the rows are laid out tile after tile, head after head, batch row after batch row."""
+        return self.st == 1 and self.sh == self.t and self.sb == self.h * self.t
+
+    def tiles(self, bs: int) -> Optional[Tensor]:
+        """``(B, H*T/bs, bs, D)`` as a view when ``tiled`` (else None)."""
+        return self.rows[:self.b * self.sb].view(self.b, -1, bs, self.rows.shape[-1]) if self.tiled else None
+
+    def batch_tiles(self, i: int, bs: int) -> Tensor:
+        """Batch row ``i`` as ``(H, T/bs, bs, D)`` (a view)."""
+        d = self.rows.shape[-1]
+        return self.rows.as_strided((self.h, self.t // bs, bs, d), (self.sh * d, bs * self.st * d, self.st * d, 1),
+                                    self.rows.storage_offset() + i * self.sb * d)
+
+
+def _rows(x: Tensor, bs: int, name: Optional[str] = None, strided: bool = True) -> _Rows:
+    """``x (B, H, T, D)`` as ``_Rows``: a view when ``T`` is whole tiles and ``x`` is contiguous or (``strided``) its
+    strides are whole rows (e.g. a fused QKV projection's views, heads expanded with stride 0), else a zero-padded
+    contiguous copy (into scratch buffer ``name``, new memory when None)."""
     b, h, t, d = x.shape
+    sb, sh, st, sd = x.stride()
+    if t % bs == 0 and x.is_contiguous():
+        return _Rows(x.view(-1, d), h * t, t, 1, b, h, t)
+    if strided and t % bs == 0 and sd == 1 and sb % d == 0 and sh % d == 0 and st % d == 0 and st > 0:
+        n = ((b - 1) * sb + (h - 1) * sh + (t - 1) * st) // d + 1
+        return _Rows(x.as_strided((n, d), (d, 1)), sb // d, sh // d, st // d, b, h, t)
     tp = -(-t // bs) * bs
-    if t == tp and x.is_contiguous():
-        return x.view(b, h * tp // bs, bs, d)
     if name is None:
-        return F.pad(x, (0, 0, 0, tp - t)).contiguous().view(b, h * tp // bs, bs, d)
-    out = _scratch(name, (b, h, tp, d), x)
-    out[:, :, :t].copy_(x)
-    out[:, :, t:].zero_()
-    return out.view(b, h * tp // bs, bs, d)
+        out = F.pad(x, (0, 0, 0, tp - t)).contiguous()
+    else:
+        out = _scratch(name, (b, h, tp, d), x)
+        out[:, :, :t].copy_(x)
+        out[:, :, t:].zero_()
+    return _Rows(out.view(-1, d), h * tp, tp, 1, b, h, tp)
 
 
-def _part_inputs(part: BlockPart, q_t: Tensor, k_t: Tensor, v_t: Tensor, scratch: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gathered ``q (B, c, bs, D)``, ``k, v (B, c, n*bs, D)`` of a part from tiled ``q_t (B, H*Qb, bs, D)`` and
-    ``k_t, v_t (B, H*Kb, bs, D)`` (into scratch buffers when ``scratch``: only where nothing keeps them)."""
-    b, _, bs, d = q_t.shape
-    c = part.q_rows.numel()
+def _part_index(part: BlockPart, plan: BlockPlan, r: _Rows, side: str) -> Tensor:
+    """Rows of ``r`` that a part reads, batch-major (``side`` "q": its query tiles' rows, ``(B*c*bs,)``; "k": its
+    gathered keys, ``(B*c*n*bs,)``), cached per layout."""
+    key = (side, r.sb, r.sh, r.st, r.b, str(r.rows.device))
+    if key not in part.index:
+        with torch.inference_mode(False):  # a plan cached during evaluation is used in training too
+            bs = plan.bs
+            if side == "q":
+                qb = -(-plan.tq // bs)
+                rows = part.q_rows.to(r.rows.device)
+                pos = (rows % qb)[:, None] * bs + torch.arange(bs, device=rows.device)  # (c, bs)
+                part.index[key] = r.index((rows // qb)[:, None], pos)
+            else:
+                kp = -(-plan.tk // bs) * bs
+                flat = part.k_flat.to(r.rows.device)
+                part.index[key] = r.index(flat // kp, flat % kp)
+    return part.index[key]
 
-    def gather(x: Tensor, index: Tensor, name: str) -> Tensor:
-        if not scratch:
-            return x.index_select(1, index)
-        return torch.index_select(x, 1, index, out=_scratch(name, (b, index.numel(), *x.shape[2:]), x))
 
-    qg = q_t if part.all_q else gather(q_t, part.q_rows, "qg")
-    k_f, v_f = k_t.view(b, -1, d), v_t.view(b, -1, d)  # (B, H*Kp, D)
-    if not part.all_k:
-        k_f, v_f = gather(k_f, part.k_flat, "kg"), gather(v_f, part.k_flat, "vg")
-    return qg, k_f.view(b, c, part.n * bs, d), v_f.view(b, c, part.n * bs, d)
+def _gather(r: _Rows, index: Tensor, shape: tuple[int, ...], name: Optional[str]) -> Tensor:
+    """Rows ``index`` (``_part_index``) of ``r`` as ``(B, *shape, D)`` (into scratch buffer ``name``, new memory
+    when None)."""
+    d = r.rows.shape[-1]
+    if name is None:
+        return r.rows.index_select(0, index).view(r.b, *shape, d)
+    out = _scratch(name, (index.numel(), d), r.rows)
+    return torch.index_select(r.rows, 0, index, out=out).view(r.b, *shape, d)
+
+
+def _part_inputs(part: BlockPart, plan: BlockPlan, qr: _Rows, kr: _Rows, vr: _Rows,
+                 scratch: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gathered ``q (B, c, bs, D)``, ``k, v (B, c, n*bs, D)`` of a part (views where the rows are tile after tile and
+    the part reads them all; into scratch buffers when ``scratch``: only where nothing keeps them)."""
+    bs, c = plan.bs, part.q_rows.numel()
+    qg = qr.tiles(bs) if part.all_q else None
+    if qg is None:
+        qg = _gather(qr, _part_index(part, plan, qr, "q"), (c, bs), "qg" if scratch else None)
+    kv = []
+    for r, name in ((kr, "kg"), (vr, "vg")):
+        x = r.tiles(bs) if part.all_k else None
+        if x is None:
+            x = _gather(r, _part_index(part, plan, r, "k"), (c * part.n, bs), name if scratch else None)
+        kv.append(x.view(x.shape[0], c, part.n * bs, x.shape[-1]))
+    return qg, kv[0], kv[1]
 
 
 def _flat_scores(scores: Optional[Tensor], plan: BlockPlan) -> Optional[Tensor]:
@@ -200,20 +270,54 @@ def _call_mask(part: BlockPart, plan: BlockPlan, like: Tensor, flat: Optional[Te
     return (out if pattern is None else out + pattern), False
 
 
-def _flash_forward(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float,
-                   flat: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """The CPU flash path: ``out (B, H*Qb, bs, D)`` and ``logsumexp (B, H*Qb, bs)`` (0 where nothing is kept);
-    ``flat``: a score bias from ``_flat_scores``."""
-    b, _, _, d = q.shape
-    q_t, k_t, v_t = _tiles(q, plan.bs, "q"), _tiles(k, plan.bs, "k"), _tiles(v, plan.bs, "v")
-    out, lse = q.new_empty(q_t.shape), q.new_empty(q_t.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
-    out.index_fill_(1, plan.uncovered, 0.0), lse.index_fill_(1, plan.uncovered, 0.0)
+def _in_place(part: BlockPart, *rows: _Rows) -> bool:
+    """Whether a part reading every query and key tile (e.g. each query tile with its own diagonal tile) runs on
+    per-batch-row views of ``rows`` that are not laid out tile after tile (no gather)."""
+    return part.all_q and part.all_k and not all(r.tiled for r in rows)
+
+
+def _batch_mask(mask: Optional[Tensor], i: int, h: int) -> Optional[Tensor]:
+    """A part's kernel mask ``(B|1, 1|H*Qb, bs, n*bs)`` for batch row ``i`` of an in-place call:
+    ``(1|H, 1|Qb, bs, n*bs)``."""
+    if mask is None:
+        return None
+    m = mask[i if mask.shape[0] > 1 else 0]  # (1|H*Qb, bs, n*bs)
+    return m[None] if m.shape[0] == 1 else m.view(h, -1, *m.shape[1:])
+
+
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float, flat: Optional[Tensor] = None,
+                   need_lse: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """The CPU flash path: ``out (B, Qp, H, D)`` (the layout a model's ``(B, L, H*D)`` reshape reads without a copy,
+    as dense flash attention returns it) and, when ``need_lse``, ``logsumexp (B, H*Qb, bs)`` (0 where nothing is
+    kept); ``flat``: a score bias from ``_flat_scores``. Inputs are read in place where their strides allow."""
+    b, h, tq, d = q.shape
+    bs, qb = plan.bs, -(-tq // plan.bs)
+    qr, kr, vr = _rows(q, bs, "q"), _rows(k, bs, "k"), _rows(v, bs, "v")
+    out = q.new_empty(b, qb * bs, h, d)
+    outr = _Rows(out.view(-1, d), qb * bs * h, 1, h, b, h, qb * bs)  # (b, head, t) at row (b*Qp + t)*H + head
+    lse = q.new_empty(b, h * qb, bs, dtype=torch.promote_types(q.dtype, torch.float32)) if need_lse else None
+    if plan.uncovered.numel():
+        u = plan.uncovered
+        pos = (u % qb)[:, None] * bs + torch.arange(bs, device=u.device)  # (U, bs)
+        outr.rows.index_fill_(0, outr.index((u // qb)[:, None], pos), 0.0)
+        if lse is not None:
+            lse.index_fill_(1, u, 0.0)
     for part in plan.parts:
-        qg, kg, vg = _part_inputs(part, q_t, k_t, v_t, scratch=True)
         mask, causal = _call_mask(part, plan, q, flat)
+        if _in_place(part, qr, kr, vr):
+            for i in range(b):  # heads as the kernel's batch, query tiles as its heads: (H, Qb, bs|n*bs, D)
+                o, l = _flash_cpu(qr.batch_tiles(i, bs), kr.batch_tiles(i, part.n * bs),
+                                  vr.batch_tiles(i, part.n * bs), 0.0, causal, attn_mask=_batch_mask(mask, i, h),
+                                  scale=scale)
+                outr.batch_tiles(i, bs).copy_(o)
+                if lse is not None:
+                    lse[i].view(l.shape).copy_(l)
+            continue
+        qg, kg, vg = _part_inputs(part, plan, qr, kr, vr, scratch=True)
         o, l = _flash_cpu(qg, kg, vg, 0.0, causal, attn_mask=mask, scale=scale)  # (B, c, bs, D), (B, c, bs)
-        out.index_copy_(1, part.q_rows, o)
-        lse.index_copy_(1, part.q_rows, l)
+        outr.rows.index_put_((_part_index(part, plan, outr, "q"),), o.view(-1, d))
+        if lse is not None:
+            lse.index_copy_(1, part.q_rows, l)
     return out, lse
 
 
@@ -225,11 +329,10 @@ class _FlashBlockAttention(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float,
                 scores: Optional[Tensor]) -> Tensor:
         flat = _flat_scores(scores, plan)  # (B|1, H*Qp*Kp) or None
-        out, lse = _flash_forward(q, k, v, plan, scale, flat)
+        out, lse = _flash_forward(q, k, v, plan, scale, flat)  # (B, Qp, H, D), (B, H*Qb, bs)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.flat = plan, scale, flat  # (a constant score bias: no gradient for it)
-        b, h, tq, d = q.shape
-        return out.view(b, h, -1, d)[:, :, :tq].clone()  # (B, H, Tq, D)
+        return out.permute(0, 2, 1, 3)[:, :, :q.shape[2]]  # (B, H, Tq, D): a view, as dense flash attention returns
 
     @staticmethod
     @once_differentiable
@@ -237,13 +340,30 @@ class _FlashBlockAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         plan, bs = ctx.plan, ctx.plan.bs
         b, h, tq, d = q.shape
-        q_t, k_t, v_t, g_t = (_tiles(x, bs, name) for x, name in ((q, "q"), (k, "k"), (v, "v"), (grad, "g")))
-        dq, dk, dv = torch.zeros_like(q_t), torch.zeros_like(k_t).view(b, -1, d), torch.zeros_like(v_t).view(b, -1, d)
+        qr, kr, vr, gr = (_rows(x, bs, name) for x, name in ((q, "q"), (k, "k"), (v, "v"), (grad, "g")))
+        outr = _Rows(out.view(-1, d), out.shape[1] * h, 1, h, b, h, out.shape[1])
+        dq = q.new_empty(b, h * qr.t // bs, bs, d)  # (B, H*Qb, bs, D): each query tile in one part or uncovered
+        dq.index_fill_(1, plan.uncovered, 0.0)
+        dk, dv = k.new_zeros(b, h * kr.t, d), v.new_zeros(b, h * kr.t, d)  # (B, H*Kp, D)
         for part in plan.parts:
-            qg, kg, vg = _part_inputs(part, q_t, k_t, v_t, scratch=True)
-            sel = (lambda x: x) if part.all_q else (lambda x: x.index_select(1, part.q_rows))  # noqa: E731
             mask, causal = _call_mask(part, plan, q, ctx.flat)
-            gq, gk, gv = _flash_cpu_backward(sel(g_t), qg, kg, vg, sel(out), sel(lse), 0.0, causal, attn_mask=mask,
+            if _in_place(part, qr, kr, vr, gr):
+                nbs = part.n * bs
+                for i in range(b):  # as in the forward: (H, Qb, bs|n*bs, D)
+                    gq, gk, gv = _flash_cpu_backward(
+                        gr.batch_tiles(i, bs), qr.batch_tiles(i, bs), kr.batch_tiles(i, nbs), vr.batch_tiles(i, nbs),
+                        outr.batch_tiles(i, bs), lse[i].view(h, -1, bs), 0.0, causal,
+                        attn_mask=_batch_mask(mask, i, h), scale=ctx.scale)
+                    dq[i].view(gq.shape).copy_(gq)
+                    dk[i].view(gk.shape).add_(gk)
+                    dv[i].view(gv.shape).add_(gv)
+                continue
+            qg, kg, vg = _part_inputs(part, plan, qr, kr, vr, scratch=True)
+            c = part.q_rows.numel()
+            gg = _gather(gr, _part_index(part, plan, gr, "q"), (c, bs), "gg")
+            og = _gather(outr, _part_index(part, plan, outr, "q"), (c, bs), "og")
+            lg = lse if part.all_q else lse.index_select(1, part.q_rows)
+            gq, gk, gv = _flash_cpu_backward(gg, qg, kg, vg, og, lg, 0.0, causal, attn_mask=mask,
                                              scale=ctx.scale)  # (B, c, bs|n*bs, D)
             dq.index_copy_(1, part.q_rows, gq)
             dk.index_add_(1, part.k_flat, gk.flatten(1, 2))
@@ -258,16 +378,17 @@ def _sdpa_block(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, dropout_p: flo
     """The SDPA path (any device, dropout, a score bias that needs a gradient; autograd through SDPA):
     ``(B, H, Tq, D)``."""
     b, h, tq, d = q.shape
-    q_t, k_t, v_t = _tiles(q, plan.bs), _tiles(k, plan.bs), _tiles(v, plan.bs)
+    qr, kr, vr = (_rows(x, plan.bs, strided=False) for x in (q, k, v))  # views or padded copies autograd follows
     flat = _flat_scores(scores, plan)  # (B|1, H*Qp*Kp) or None
     outs = []
     for part in plan.parts:
         mask, causal = _call_mask(part, plan, q, flat)
-        outs.append(F.scaled_dot_product_attention(*_part_inputs(part, q_t, k_t, v_t, scratch=False), attn_mask=mask,
-                                                   dropout_p=dropout_p, is_causal=causal, scale=scale))  # (B,c,bs,D)
+        outs.append(F.scaled_dot_product_attention(*_part_inputs(part, plan, qr, kr, vr, scratch=False),
+                                                   attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                                   scale=scale))  # (B, c, bs, D)
     # (B, H*Qb, bs, D): rows in no part stay 0; tied to q, k, v (exact zeros) so autograd sees them used
     tie = q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum() + (0 if scores is None else scores[..., :0].sum())
-    out = q.new_zeros(q_t.shape) + tie
+    out = q.new_zeros(b, h * (qr.t // plan.bs), plan.bs, d) + tie
     if outs:
         out = out.index_copy(1, torch.cat([p.q_rows for p in plan.parts]), torch.cat(outs, dim=1))
     return out.view(b, h, -1, d)[:, :, :tq]
@@ -318,5 +439,6 @@ def block_backend(
     if q.device.type == "cpu" and dropout_p == 0 and not (bias is not None and needs_grad(bias)):
         if needs_grad(q, k, v):
             return _FlashBlockAttention.apply(q, k, v, plan, scale, bias), None
-        return _flash_forward(q, k, v, plan, scale, _flat_scores(bias, plan))[0].view(b, h, -1, d)[:, :, :tq], None
+        out, _ = _flash_forward(q, k, v, plan, scale, _flat_scores(bias, plan), need_lse=False)  # (B, Qp, H, D)
+        return out.permute(0, 2, 1, 3)[:, :, :tq], None
     return _sdpa_block(q, k, v, plan, dropout_p, scale, bias), None
