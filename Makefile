@@ -59,9 +59,11 @@ demo-glue: install-hf data-glue
 demo-wmt: install-fairseq data-wmt
 	$(PYTHON) run.py task=wmt pruning=ap50
 
-# Attention and whole-LM speed against dense attention (docs/speed.md; about 8 minutes on 2 CPU cores; table, CSV, PNG)
+# Attention and whole-LM speed against dense attention (docs/speed.md; about 10 minutes on 2 CPU cores; table, CSV, PNG):
+# random and AP-shaped tile masks, and the block backend's flash kernels alone (its ceiling)
 bench:
-	$(PYTHON) scripts/benchmark.py --lengths 1024 2048 4096 --sparsity 0.5 0.9 --backward --lm-length 2048 --repeats 3
+	$(PYTHON) scripts/benchmark.py --lengths 1024 2048 4096 --sparsity 0.5 0.9 --backward --mask-shapes random ap --profile \
+		--lm-length 2048 --repeats 3
 
 # Every GPU feature in one table (docs/gpu.md; about 5 minutes on one H200): flex and block vs causal SDPA at 4k-32k,
 # trainer=gpu runs of every task, task=clm at 8k, bf16 vs fp32 calibration, NCCL DDP with 2 GPUs. Install the torch

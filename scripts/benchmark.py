@@ -37,17 +37,27 @@ from ap.core.attention import (FLEX_BLOCK_SIZE, block_plan, empty_tiles, flex_bl
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig  # noqa: E402
 
 
-def tile_mask(length: int, heads: int, sparsity: float, tile: int, seed: int = 0) -> tuple[torch.Tensor, float]:
-    """Bool ``(H, L, L)`` causal mask built from whole tiles, and the fraction of valid tiles it keeps."""
+def tile_mask(length: int, heads: int, sparsity: float, tile: int, seed: int = 0,
+              shape: str = "random") -> tuple[torch.Tensor, float]:
+    """Bool ``(H, L, L)`` causal mask built from whole tiles, and the fraction of valid tiles it keeps. The diagonal
+    tiles are always kept; the other kept tiles are drawn at random (``shape`` "random") or, AP-shaped ("ap": what
+    AP keeps in causal LMs), first from the sink column (key tile 0) and the band below the diagonal, then at random."""
     g = torch.Generator().manual_seed(seed)
     n = -(-length // tile)
     valid = torch.ones(n, n, dtype=torch.bool).tril()  # (n, n) tiles with causally valid entries
     below = valid & ~torch.eye(n, dtype=torch.bool)
+    structure = torch.zeros(n, n, dtype=torch.bool)  # sinks and band (the "ap" shape's first choices)
+    structure.diagonal(-1).fill_(True)  # the band: each query tile's previous key tile
+    structure[:, 0] = True  # the sink column
+    structure &= below
     keep = torch.eye(n, dtype=torch.bool).expand(heads, n, n).clone()  # (H, n, n): diagonal tiles always kept
     n_keep = round((1 - sparsity) * int(valid.sum())) - n  # tiles to keep besides the diagonal
     for h in range(heads):
         idx = below.nonzero()
-        chosen = idx[torch.randperm(len(idx), generator=g)[:max(0, n_keep)]]
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        if shape == "ap":  # structural tiles first (in random order), then the rest
+            idx = torch.cat([idx[structure[idx[:, 0], idx[:, 1]]], idx[~structure[idx[:, 0], idx[:, 1]]]])
+        chosen = idx[:max(0, n_keep)]
         keep[h, chosen[:, 0], chosen[:, 1]] = True
     full = keep.repeat_interleave(tile, 1).repeat_interleave(tile, 2)[:, :length, :length]
     return full & torch.ones(length, length, dtype=torch.bool).tril(), float(keep.sum()) / (heads * int(valid.sum()))
@@ -90,6 +100,44 @@ def memory_mb(fn: Callable[[], object], device: str, backward: bool) -> float:
     return sum(seen.values()) / 2**20
 
 
+def kernel_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds per call that PyTorch's CPU flash kernels (forward and backward) take inside ``fn()``: the block
+    backend's time without its gathers and scatters (``--profile``)."""
+    from torch.profiler import profile
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        with profile() as prof:
+            fn()
+        times.append(sum(e.cpu_time_total for e in prof.key_averages()  # with what the kernels call (zero-fills)
+                         if e.key.startswith("aten::_scaled_dot_product_flash_attention_for_cpu")) / 1e6)
+    return statistics.median(times)
+
+
+def sparse_rows(args: argparse.Namespace, what: str, length: int, dense: float,
+                runs: Callable[[torch.Tensor, str], dict[str, Callable[[], object]]]) -> list[dict]:
+    """Rows of every ``--sparsity`` and ``--mask-shapes`` shape: ``runs(mask (1, H, L, L), shape)`` gives the calls
+    to time (forward rows run without gradients)."""
+    rows, training = [], what.endswith("bwd")
+    for shape in args.mask_shapes:
+        for sparsity in args.sparsity:
+            mask, kept = tile_mask(length, args.heads, sparsity, args.tile, shape=shape)
+            mask = mask.to(args.device)[None]  # (1, H, L, L)
+            calls = runs(mask, shape)
+            if args.profile and "block" in calls and args.device == "cpu":
+                calls["block: kernels alone"] = calls["block"]
+            for name, fn in calls.items():
+                with torch.set_grad_enabled(training):
+                    if name.endswith("kernels alone"):
+                        s, mb = kernel_seconds(fn, args.repeats), float("nan")
+                    else:
+                        s, mb = timed(fn, args.repeats, args.device), memory_mb(fn, args.device, training)
+                rows.append({"what": what, "length": length, "sparsity": sparsity, "mask": shape, "backend": name,
+                             "seconds": s, "ratio": dense / s, "ideal": 1 / kept, "mb": mb})
+    return rows
+
+
 def attention_rows(args: argparse.Namespace) -> list[dict]:
     rows = []
     for length in args.lengths:
@@ -102,21 +150,18 @@ def attention_rows(args: argparse.Namespace) -> list[dict]:
         rows.append({"what": "attention fwd", "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
                      "seconds": dense, "ratio": 1.0, "ideal": 1.0,
                      "mb": memory_mb(dense_fn, args.device, False)})
-        for sparsity in args.sparsity:
-            mask, kept = tile_mask(length, args.heads, sparsity, args.tile)
-            mask = mask.to(args.device)[None]  # (1, H, L, L)
-            block_mask = flex_block_mask(mask, args.tile if args.device == "cpu" else None)  # CUDA: 128-blocks
+
+        def runs(mask: torch.Tensor, shape: str) -> dict[str, Callable[[], object]]:
             plan = block_plan(mask[0], args.heads, args.tile)
-            runs = {"eager masked": lambda: attention(q, k, v, mask=mask, backend="eager"),
-                    "sdpa masked": lambda: attention(q, k, v, mask=mask, backend="sdpa"),
-                    "block": lambda: attention(q, k, v, mask=plan, backend="block"),
-                    "flex": lambda: attention(q, k, v, mask=block_mask, backend="flex")}
-            for name, fn in runs.items():
-                with torch.no_grad():
-                    s = timed(fn, args.repeats, args.device)
-                    mb = memory_mb(fn, args.device, False)
-                rows.append({"what": "attention fwd", "length": length, "sparsity": sparsity, "backend": name,
-                             "seconds": s, "ratio": dense / s, "ideal": 1 / kept, "mb": mb})
+            out = {"block": lambda: attention(q, k, v, mask=plan, backend="block")}
+            if shape == "random":  # masked dense kernels take as long whatever the shape
+                block_mask = flex_block_mask(mask, args.tile if args.device == "cpu" else None)  # CUDA: 128-blocks
+                out = {"eager masked": lambda: attention(q, k, v, mask=mask, backend="eager"),
+                       "sdpa masked": lambda: attention(q, k, v, mask=mask, backend="sdpa"), **out,
+                       "flex": lambda: attention(q, k, v, mask=block_mask, backend="flex")}
+            return out
+
+        rows += sparse_rows(args, "attention fwd", length, dense, runs)
         if args.backward:
             rows += backward_rows(args, length, qkv)
     return rows
@@ -132,18 +177,17 @@ def backward_rows(args: argparse.Namespace, length: int, qkv: torch.Tensor) -> l
     rows = [{"what": "attention fwd+bwd", "length": length, "sparsity": 0.0, "backend": "sdpa causal (dense)",
              "seconds": dense, "ratio": 1.0, "ideal": 1.0,
              "mb": memory_mb(step(is_causal=True, backend="sdpa"), args.device, True)}]
-    for sparsity in args.sparsity:
-        mask, kept = tile_mask(length, args.heads, sparsity, args.tile)
-        mask = mask.to(args.device)[None]
-        runs = {"eager masked": step(mask=mask, backend="eager"), "sdpa masked": step(mask=mask, backend="sdpa"),
-                "block": step(mask=block_plan(mask[0], args.heads, args.tile), backend="block")}
-        if args.device == "cuda":  # flex has no CPU backward in torch 2.13
-            runs["flex"] = step(mask=flex_block_mask(mask), backend="flex")  # 128-blocks on CUDA
-        for name, fn in runs.items():
-            s = timed(fn, args.repeats, args.device)
-            rows.append({"what": "attention fwd+bwd", "length": length, "sparsity": sparsity, "backend": name,
-                         "seconds": s, "ratio": dense / s, "ideal": 1 / kept, "mb": memory_mb(fn, args.device, True)})
-    return rows
+
+    def runs(mask: torch.Tensor, shape: str) -> dict[str, Callable[[], object]]:
+        out = {"block": step(mask=block_plan(mask[0], args.heads, args.tile), backend="block")}
+        if shape == "random":
+            out = {"eager masked": step(mask=mask, backend="eager"), "sdpa masked": step(mask=mask, backend="sdpa"),
+                   **out}
+            if args.device == "cuda":  # flex has no CPU backward in torch 2.13
+                out["flex"] = step(mask=flex_block_mask(mask), backend="flex")  # 128-blocks on CUDA
+        return out
+
+    return rows + sparse_rows(args, "attention fwd+bwd", length, dense, runs)
 
 
 @register_backend("skip (bound)")
@@ -357,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, default=FLEX_BLOCK_SIZE, help="mask tile = flex BLOCK_SIZE")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
+    parser.add_argument("--mask-shapes", nargs="+", default=["random"], choices=["random", "ap"],
+                        help="attention rows' tile masks: random kept tiles, or AP-shaped (sinks, band, then random; "
+                             "block backend only)")
+    parser.add_argument("--profile", action="store_true",
+                        help="attention rows: also the block backend's flash kernels alone (CPU; torch.profiler)")
     parser.add_argument("--lm-length", type=int, default=2048, help="0 skips the whole-LM benchmark")
     parser.add_argument("--lm-dropout", type=float, default=0.0,
                         help="the LM's dropout (attention too) in the training step; the demo trains with 0.1")
@@ -391,14 +440,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"B{args.batch} H{args.heads} D{args.dim}, tile {args.tile}; ratio = dense causal SDPA time / time")
-    print(f"{'what':<18} {'L':>5} {'sparsity':>8} {'backend':<20} {'ms':>9} {'ratio':>6} {'ideal':>6} {'of ideal':>8} "
-          f"{'MB':>8}")
+    print(f"{'what':<18} {'L':>5} {'sparsity':>8} {'mask':<6} {'backend':<22} {'ms':>9} {'ratio':>6} {'ideal':>6} "
+          f"{'of ideal':>8} {'MB':>8}")
     for r in rows:
-        print(f"{r['what']:<18} {r['length']:>5} {r['sparsity']:>8.0%} {r['backend']:<20} {1000 * r['seconds']:>9.2f} "
-              f"{r['ratio']:>6.2f} {r['ideal']:>6.2f} {r['ratio'] / r['ideal']:>8.2f} {r['mb']:>8.1f}")
+        r.setdefault("mask", "")
+        print(f"{r['what']:<18} {r['length']:>5} {r['sparsity']:>8.0%} {r['mask']:<6} {r['backend']:<22} "
+              f"{1000 * r['seconds']:>9.2f} {r['ratio']:>6.2f} {r['ideal']:>6.2f} {r['ratio'] / r['ideal']:>8.2f} "
+              f"{r['mb']:>8.1f}")
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "benchmark.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=["what", "length", "sparsity", "mask", "backend", "seconds", "ratio",
+                                               "ideal", "mb"])
         writer.writeheader(), writer.writerows(rows)
     drawn = plot(rows, args.out / "benchmark.png")
     print(f"wrote {args.out / 'benchmark.csv'}" + (f" and {args.out / 'benchmark.png'}" if drawn else ""))
@@ -412,10 +464,11 @@ def plot(rows: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (what, backend, sparsity) in sorted({(r["what"], r["backend"], r["sparsity"]) for r in rows if r["sparsity"]}):
+    keys = sorted({(r["what"], r["backend"], r["sparsity"], r["mask"]) for r in rows if r["sparsity"]})
+    for (what, backend, sparsity, mask) in keys:
         pts = sorted((r["length"], r["ratio"]) for r in rows
-                     if (r["what"], r["backend"], r["sparsity"]) == (what, backend, sparsity))
-        ax.plot(*zip(*pts), marker="o", label=f"{what}, {backend}, {sparsity:.0%}")
+                     if (r["what"], r["backend"], r["sparsity"], r["mask"]) == (what, backend, sparsity, mask))
+        ax.plot(*zip(*pts), marker="o", label=f"{what}, {backend}, {sparsity:.0%}" + (f", {mask} mask" * bool(mask)))
     if not ax.lines:  # (calibration rows: no sparsity to draw)
         plt.close(fig)
         return False
