@@ -37,30 +37,50 @@ from ap.core.attention import (FLEX_BLOCK_SIZE, block_plan, empty_tiles, flex_bl
 from ap.models.transformer_lm import TransformerLM, TransformerLMConfig  # noqa: E402
 
 
+SINK_TILES = 1  # AP-shaped masks: the first key tile (attention sinks) ...
+BAND_TILES = 4  # ... and the 4 key tiles before each query tile's diagonal (a local band)
+
+
+def tile_layout(n: int, heads: int, sparsity: float, shape: str, seed: int = 0, fit: bool = False) -> torch.Tensor:
+    """Kept tiles ``(H, n, n)`` bool of a causal mask over ``n`` query/key tiles: every diagonal tile, for
+    ``shape="ap"`` (what AP keeps in causal LMs) also ``SINK_TILES`` sink columns and a band of ``BAND_TILES`` tiles
+    (with ``fit``, only as many of them, drawn at random, as ``1 - sparsity`` of the valid tiles allows), then
+    scattered tiles (other per head) until ``1 - sparsity`` of the valid (lower-triangle) tiles are kept."""
+    if shape not in ("ap", "random"):
+        raise ValueError(f"shape must be 'ap' or 'random', got {shape!r}")
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.ones(n, n, dtype=torch.bool).tril()  # (n, n)
+    i = torch.arange(n)
+    keep = torch.zeros(heads, n, n, dtype=torch.bool)
+    keep[:, i, i] = True
+    structure = torch.zeros(n, n, dtype=torch.bool)  # sinks and band
+    if shape == "ap":
+        structure[:, :SINK_TILES] = True
+        for d in range(1, BAND_TILES + 1):
+            structure[i[d:], i[:-d]] = True
+    structure &= valid & ~keep[0]
+    target = round((1 - sparsity) * int(valid.sum()))
+    for h in range(heads):
+        s = structure.nonzero()  # (S, 2)
+        if fit:
+            s = s[torch.randperm(len(s), generator=g)[:max(0, target - n)]]
+        keep[h, s[:, 0], s[:, 1]] = True
+        free = (valid & ~keep[h]).nonzero()  # (F, 2)
+        extra = max(0, target - int(keep[h].sum()))
+        chosen = free[torch.randperm(len(free), generator=g)[:extra]]
+        keep[h, chosen[:, 0], chosen[:, 1]] = True
+    return keep
+
+
 def tile_mask(length: int, heads: int, sparsity: float, tile: int, seed: int = 0,
               shape: str = "random") -> tuple[torch.Tensor, float]:
-    """Bool ``(H, L, L)`` causal mask built from whole tiles, and the fraction of valid tiles it keeps. The diagonal
-    tiles are always kept; the other kept tiles are drawn at random (``shape`` "random") or, AP-shaped ("ap": what
-    AP keeps in causal LMs), first from the sink column (key tile 0) and the band below the diagonal, then at random."""
-    g = torch.Generator().manual_seed(seed)
+    """Bool ``(H, L, L)`` causal mask of ``tile_layout`` (``fit``: AP-shaped masks keep the asked share too), and the
+    fraction of valid tiles it keeps."""
     n = -(-length // tile)
-    valid = torch.ones(n, n, dtype=torch.bool).tril()  # (n, n) tiles with causally valid entries
-    below = valid & ~torch.eye(n, dtype=torch.bool)
-    structure = torch.zeros(n, n, dtype=torch.bool)  # sinks and band (the "ap" shape's first choices)
-    structure.diagonal(-1).fill_(True)  # the band: each query tile's previous key tile
-    structure[:, 0] = True  # the sink column
-    structure &= below
-    keep = torch.eye(n, dtype=torch.bool).expand(heads, n, n).clone()  # (H, n, n): diagonal tiles always kept
-    n_keep = round((1 - sparsity) * int(valid.sum())) - n  # tiles to keep besides the diagonal
-    for h in range(heads):
-        idx = below.nonzero()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        if shape == "ap":  # structural tiles first (in random order), then the rest
-            idx = torch.cat([idx[structure[idx[:, 0], idx[:, 1]]], idx[~structure[idx[:, 0], idx[:, 1]]]])
-        chosen = idx[:max(0, n_keep)]
-        keep[h, chosen[:, 0], chosen[:, 1]] = True
-    full = keep.repeat_interleave(tile, 1).repeat_interleave(tile, 2)[:, :length, :length]
-    return full & torch.ones(length, length, dtype=torch.bool).tril(), float(keep.sum()) / (heads * int(valid.sum()))
+    tiles = tile_layout(n, heads, sparsity, shape, seed, fit=True)  # (H, n, n)
+    full = tiles.repeat_interleave(tile, 1).repeat_interleave(tile, 2)[:, :length, :length]
+    valid = int(torch.ones(n, n, dtype=torch.bool).tril().sum())
+    return full & torch.ones(length, length, dtype=torch.bool).tril(), float(tiles.sum()) / (heads * valid)
 
 
 def timed(fn: Callable[[], object], repeats: int, device: str, warmup: int = 2) -> float:

@@ -51,13 +51,12 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark  # noqa: E402
+from benchmark import tile_layout  # noqa: E402  (AP-shaped and random tile masks, shared with the benchmark)
 import torch.nn.functional as F  # noqa: E402
 
 from ap.core.attention import attention, block_plan, flex_block_size  # noqa: E402
 
 TILE = 64  # default mask tile (--tile) = the block backend's tile; flex runs 128-blocks on CUDA
-SINK_TILES = 1  # AP-shaped masks: the first key tile (attention sinks) ...
-BAND_TILES = 4  # ... and the 4 key tiles before each query tile's diagonal (a local band) are kept
 
 
 @dataclass
@@ -74,31 +73,6 @@ class Row:
 
 
 # --- masks ---------------------------------------------------------------------------------------------------------
-def tile_layout(n: int, heads: int, sparsity: float, shape: str, seed: int = 0) -> torch.Tensor:
-    """Kept tiles ``(H, n, n)`` bool of a causal mask over ``n`` query/key tiles: every diagonal tile, for
-    ``shape="ap"`` also ``SINK_TILES`` sink columns and a band of ``BAND_TILES`` tiles, then scattered tiles (other per
-    head) until ``1 - sparsity`` of the valid (lower-triangle) tiles are kept."""
-    if shape not in ("ap", "random"):
-        raise ValueError(f"shape must be 'ap' or 'random', got {shape!r}")
-    g = torch.Generator().manual_seed(seed)
-    valid = torch.ones(n, n, dtype=torch.bool).tril()  # (n, n)
-    i = torch.arange(n)
-    keep = torch.zeros(heads, n, n, dtype=torch.bool)
-    keep[:, i, i] = True
-    if shape == "ap":
-        keep[:, :, :SINK_TILES] = True
-        for d in range(1, BAND_TILES + 1):
-            keep[:, i[d:], i[:-d]] = True
-    keep &= valid
-    target = round((1 - sparsity) * int(valid.sum()))
-    for h in range(heads):
-        free = (valid & ~keep[h]).nonzero()  # (F, 2)
-        extra = max(0, target - int(keep[h].sum()))
-        chosen = free[torch.randperm(len(free), generator=g)[:extra]]
-        keep[h, chosen[:, 0], chosen[:, 1]] = True
-    return keep
-
-
 def element_keep(tiles: torch.Tensor, tile: int = TILE) -> torch.Tensor:
     """The element mask ``(H, L, L)`` of causal tile mask ``tiles (H, n, n)``, on the tiles' device."""
     n = tiles.shape[-1]
