@@ -7,10 +7,13 @@
     python scripts/benchmark.py --lengths --model data/smollm2 --sparsity 0.9 --model-lengths 2048 4096   # HF prefill
     python scripts/benchmark.py --model data/smollm2 --calibration --model-lengths 4096   # calibration vs evaluation
 
-Masks are causal tile masks (``--tile`` = the flex tile): the diagonal tiles are kept, a random ``sparsity`` share of
-the other valid tiles is emptied (``--masks``: a run's masks instead, for the whole-LM rows). Attention inputs are
-strided views of one fused QKV tensor, as models pass them. Every ratio is ``dense causal SDPA time / backend time``
-measured in the same run (> 1 = faster than dense); ``ideal`` = valid tiles / kept tiles. Memory (``MB``): on CUDA the
+Masks are causal tile masks (``--tile`` = the flex tile): the diagonal tiles are kept, a ``sparsity`` share of the
+other valid tiles is emptied, at random or AP-shaped (``--mask-shapes``: sinks and a band first; ``--masks``: a run's
+masks instead, for the whole-LM rows). Attention inputs are strided views of one fused QKV tensor, as models pass
+them. Every ratio is ``dense causal SDPA time / backend time`` measured in the same run (> 1 = faster than dense; the
+attention rows call dense SDPA in turn with the backend, so the two times are neighbours); ``ideal`` = valid tiles /
+kept tiles, ``of ideal`` = ratio / ideal. ``--profile`` adds the block backend's flash kernels alone (its ceiling
+without gathers and scatters). Memory (``MB``): on CUDA the
 peak allocated during one call above what was allocated before it; on CPU (no allocator statistics) the tensors a
 training step saves for backward (the activation memory that grows with attention work), for forward+backward rows
 only. Results: a table on stdout, CSV and PNG in ``--out``.
@@ -98,6 +101,24 @@ def timed(fn: Callable[[], object], repeats: int, device: str, warmup: int = 2) 
     return statistics.median(times)
 
 
+def timed_beside(fn: Callable[[], object], ref: Callable[[], object], repeats: int, device: str,
+                 warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of ``fn()`` and of ``ref()``, called in turn (after ``warmup`` calls of each): a ratio of the two
+    compares neighbouring calls, not a slow minute with a fast one (machines here drift by 20 % and more)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn(), ref()
+    sync()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for f, out in ((ref, times[1]), (fn, times[0])):
+            t0 = time.perf_counter()
+            f()
+            sync()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def memory_mb(fn: Callable[[], object], device: str, backward: bool) -> float:
     """MB a call needs (see the module doc); NaN for CPU forward-only rows."""
     if device == "cuda":
@@ -120,39 +141,43 @@ def memory_mb(fn: Callable[[], object], device: str, backward: bool) -> float:
     return sum(seen.values()) / 2**20
 
 
-def kernel_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds per call that PyTorch's CPU flash kernels (forward and backward) take inside ``fn()``: the block
-    backend's time without its gathers and scatters (``--profile``)."""
+def kernel_seconds(fn: Callable[[], object], ref: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds per call that PyTorch's CPU flash kernels (forward and backward) take inside ``fn()`` (the block
+    backend's time without its gathers and scatters, ``--profile``), and of ``ref()`` timed between them."""
     from torch.profiler import profile
 
-    fn()
-    times = []
+    fn(), ref()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
+        t0 = time.perf_counter()
+        ref()
+        times[1].append(time.perf_counter() - t0)
         with profile() as prof:
             fn()
-        times.append(sum(e.cpu_time_total for e in prof.key_averages()  # with what the kernels call (zero-fills)
-                         if e.key.startswith("aten::_scaled_dot_product_flash_attention_for_cpu")) / 1e6)
-    return statistics.median(times)
+        times[0].append(sum(e.cpu_time_total for e in prof.key_averages()  # with what the kernels call (zero-fills)
+                            if e.key.startswith("aten::_scaled_dot_product_flash_attention_for_cpu")) / 1e6)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
-def sparse_rows(args: argparse.Namespace, what: str, length: int, dense: float,
+def sparse_rows(args: argparse.Namespace, what: str, length: int, dense_fn: Callable[[], object],
                 runs: Callable[[torch.Tensor, str], dict[str, Callable[[], object]]]) -> list[dict]:
     """Rows of every ``--sparsity`` and ``--mask-shapes`` shape: ``runs(mask (1, H, L, L), shape)`` gives the calls
-    to time (forward rows run without gradients)."""
+    to time (forward rows run without gradients), each in turn with ``dense_fn`` (the row's ratio)."""
     rows, training = [], what.endswith("bwd")
     for shape in args.mask_shapes:
         for sparsity in args.sparsity:
             mask, kept = tile_mask(length, args.heads, sparsity, args.tile, shape=shape)
             mask = mask.to(args.device)[None]  # (1, H, L, L)
-            calls = runs(mask, shape)
+            calls = {n: f for n, f in runs(mask, shape).items() if not args.backends or n in args.backends}
             if args.profile and "block" in calls and args.device == "cpu":
                 calls["block: kernels alone"] = calls["block"]
             for name, fn in calls.items():
                 with torch.set_grad_enabled(training):
                     if name.endswith("kernels alone"):
-                        s, mb = kernel_seconds(fn, args.repeats), float("nan")
+                        (s, dense), mb = kernel_seconds(fn, dense_fn, args.repeats), float("nan")
                     else:
-                        s, mb = timed(fn, args.repeats, args.device), memory_mb(fn, args.device, training)
+                        s, dense = timed_beside(fn, dense_fn, args.repeats, args.device)
+                        mb = memory_mb(fn, args.device, training)
                 rows.append({"what": what, "length": length, "sparsity": sparsity, "mask": shape, "backend": name,
                              "seconds": s, "ratio": dense / s, "ideal": 1 / kept, "mb": mb})
     return rows
@@ -181,7 +206,7 @@ def attention_rows(args: argparse.Namespace) -> list[dict]:
                        "flex": lambda: attention(q, k, v, mask=block_mask, backend="flex")}
             return out
 
-        rows += sparse_rows(args, "attention fwd", length, dense, runs)
+        rows += sparse_rows(args, "attention fwd", length, dense_fn, runs)
         if args.backward:
             rows += backward_rows(args, length, qkv)
     return rows
@@ -207,7 +232,7 @@ def backward_rows(args: argparse.Namespace, length: int, qkv: torch.Tensor) -> l
                 out["flex"] = step(mask=flex_block_mask(mask), backend="flex")  # 128-blocks on CUDA
         return out
 
-    return rows + sparse_rows(args, "attention fwd+bwd", length, dense, runs)
+    return rows + sparse_rows(args, "attention fwd+bwd", length, step(is_causal=True, backend="sdpa"), runs)
 
 
 @register_backend("skip (bound)")
@@ -424,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask-shapes", nargs="+", default=["random"], choices=["random", "ap"],
                         help="attention rows' tile masks: random kept tiles, or AP-shaped (sinks, band, then random; "
                              "block backend only)")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="attention rows: only these (eager masked, sdpa masked, block, flex; default all)")
     parser.add_argument("--profile", action="store_true",
                         help="attention rows: also the block backend's flash kernels alone (CPU; torch.profiler)")
     parser.add_argument("--lm-length", type=int, default=2048, help="0 skips the whole-LM benchmark")
