@@ -416,3 +416,32 @@ def test_curves_say_what_they_show(tmp_path, monkeypatch):
         write_run(tmp_path / "kinds" / str(i), r)
     plot_curves(load_runs([tmp_path / "kinds"])[0], tmp_path / "curves2")
     assert all(f.axes[0].get_xlabel().startswith("overall achieved sparsity") for f in figures)
+
+
+def test_comparisons_say_in_how_many_seeds_they_hold(sweep, tmp_path, paper_file):
+    """Seed by seed, not on the means: AP against random at each target (k/n seeds where AP is the better one) and
+    the claim's top point (k/n seeds within the tolerance of that seed's own dense+ft)."""
+    runs, failed = load_runs([sweep])
+    lm = runs[runs["task_name"] == "lm_sample"]
+
+    def versus_row(frame: pd.DataFrame) -> dict[str, str]:
+        text = markdown(summarize(frame), failed.iloc[:0], runs=frame).split("AP against")[1]
+        table = [line for line in text.splitlines() if line.startswith("|")]
+        header = [c.strip() for c in table[0].strip("|").split("|")]
+        row = next(line for line in table if re.match(r"\| +50.0 % \|", line))
+        return dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
+
+    assert versus_row(lm)["val/ppl: AP better than random"] == "2/2 seeds"  # ap50 20, 22 against random50 40, 44
+    closer = lm.copy()
+    closer.loc[(closer["pruning"] == "random50") & (closer["seed"] == 1), "val/ppl"] = 21.0  # random wins seed 1
+    assert versus_row(closer)["val/ppl: AP better than random"] == "1/2 seeds"
+    assert "AP better" not in markdown(summarize(lm), failed.iloc[:0])  # no runs: means only
+
+    preset = load_runs([preset_sweep(tmp_path / "sweep", "sweep_fixture")])[0]
+    second = preset.assign(seed=1)
+    second.loc[second["pruning"] == "ap50", "val/ppl"] = 51.3  # +2.6 % of dense+ft 50: out of the 2 % alone
+    both = pd.concat([preset, second], ignore_index=True)  # ap50's mean, 50.9, is still within 2 %
+    claim = next(line for line in markdown(summarize(both), both.iloc[:0], load_paper_results(paper_file),
+                                           both).splitlines() if line.startswith("- **Paper**"))
+    assert "(ap50: 50.900, achieved sparsity 50.0 %, within it in 1/2 seeds against each seed's own dense+ft)" \
+        in claim, claim

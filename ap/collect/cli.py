@@ -36,7 +36,7 @@ def write_report(folders: Sequence[Path | str], out_dir: Optional[Path | str] = 
     runs.to_csv(paths["runs"], index=False)
     failed.to_csv(paths["failed"], index=False)
     summary.to_csv(paths["summary_csv"], index=False)
-    paths["summary_md"].write_text(markdown(summary, failed, paper))
+    paths["summary_md"].write_text(markdown(summary, failed, paper, runs))
     paths.update({p.stem: p for p in plot_curves(runs, out, paper)})
     return paths
 

@@ -7,8 +7,8 @@ from typing import Optional
 
 import pandas as pd
 
-from .paper import claim_line, paper_for, paper_point
-from .runs import setting_columns, value_columns
+from .paper import claim_line, paper_for, paper_point, seed_values
+from .runs import lower_is_better, setting_columns, value_columns
 
 
 # the settings of the pruning: everything else in a setting is the model variant (its dense reference lines)
@@ -26,9 +26,11 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return stats.reset_index()
 
 
-def markdown(summary: pd.DataFrame, failed: pd.DataFrame, paper: Optional[dict] = None) -> str:
+def markdown(summary: pd.DataFrame, failed: pd.DataFrame, paper: Optional[dict] = None,
+             runs: Optional[pd.DataFrame] = None) -> str:
     """``summary`` as "mean ± std" Markdown tables, one per task_name, each with AP against the other policies and
-    the ``paper``'s values and claims that apply to it; then a section listing ``failed``."""
+    the ``paper``'s values and claims that apply to it; then a section listing ``failed``. With the ``runs`` behind
+    ``summary``, the comparisons also say in how many seeds they hold (seed by seed, not on the means)."""
     parts = []
     for task_name, part in summary.groupby("task_name", dropna=False, sort=True):
         keys = setting_columns(summary)
@@ -57,14 +59,14 @@ def markdown(summary: pd.DataFrame, failed: pd.DataFrame, paper: Optional[dict] 
         align = ["left" if c in shown and c != "target" else "right" for c in table.columns]
         text = (f"## {task_name}\n\n" + (f"All rows: {', '.join(common)}\n\n" if common else "")
                 + f"{table.to_markdown(index=False, disable_numparse=True, colalign=align)}\n")
-        versus = _versus(part)
+        versus = _versus(part, runs)
         if versus:
             free = "finetune" in part and not part["finetune"].fillna(True).astype(bool).any()
             when = "training-free" if free else "after fine-tuning; before it in brackets"
             text += (f"\nAP against the other policies at each target ({when}):\n\n"
                      + versus + "\n")
         if claims:
-            text += "\n" + "".join(f"- {claim_line(claim, part)}\n" for claim in claims)
+            text += "\n" + "".join(f"- {claim_line(claim, part, runs)}\n" for claim in claims)
         if paper_points:
             text += f"\nPaper values ({paper['paper']}): " + "; ".join(map(paper_point, paper_points)) + "\n"
         parts.append(text)
@@ -74,9 +76,10 @@ def markdown(summary: pd.DataFrame, failed: pd.DataFrame, paper: Optional[dict] 
     return "\n".join(parts)
 
 
-def _versus(part: pd.DataFrame) -> str:
+def _versus(part: pd.DataFrame, runs: Optional[pd.DataFrame] = None) -> str:
     """AP beside every other policy at the same target (and other settings), as a Markdown table: each metric after
-    fine-tuning, before it in brackets; "" when no setting has AP and another policy."""
+    fine-tuning, before it in brackets, and with ``runs`` in how many of the seeds both ran AP is the better one
+    (``AP better than <policy>``: ``k/n seeds``); "" when no setting has AP and another policy."""
     pruned = part[part["policy"].fillna("none") != "none"]
     keys = [c for c in setting_columns(part) if c not in ("policy", "pruning", "experiment", "task", "task_name")]
     metrics = metric_columns(pruned[[c for c in pruned.columns if c.endswith("_mean")]]
@@ -93,6 +96,13 @@ def _versus(part: pd.DataFrame) -> str:
                 value, pre = at[f"{metric}_mean"], at.get(f"pre/{metric}_mean")
                 row[f"{metric} {policy}"] = ("" if pd.isna(value) else f"{value:.3f}"
                                              + (f" ({pre:.3f})" if pre is not None and pd.notna(pre) else ""))
+            if runs is not None:
+                ours = seed_values(runs, group[group["policy"] == "ap"].iloc[0], metric)
+                for policy in policies[1:]:
+                    theirs = seed_values(runs, group[group["policy"] == policy].iloc[0], metric)
+                    both = ours.index.intersection(theirs.index)
+                    diff = (ours[both] - theirs[both]) * (-1 if lower_is_better(metric) else 1)  # > 0: AP better
+                    row[f"{metric}: AP better than {policy}"] = f"{int((diff > 0).sum())}/{len(both)} seeds"
         rows.append(row)
     if not rows:
         return ""
