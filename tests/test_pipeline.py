@@ -314,3 +314,24 @@ def test_pruned_model_and_dense_ft_baseline_train_on_the_same_batches(tiny_cfg, 
                       if row.get("train/loss")] for stage in ("dense_ft", "finetune")}
     assert len(losses["finetune"]) == 5
     assert losses["finetune"] == pytest.approx(losses["dense_ft"], rel=1e-5)
+
+
+def test_the_run_seed_picks_the_training_order(tiny_cfg):
+    """The run's ``seed`` picks the order of training blocks as the pipeline seeds it (``seed_everything`` before the
+    data and model are built; DDP samplers take the data module's seed): the same seed gives the same order, another
+    seed another order (a seed sweep's runs see their data in different orders)."""
+    import pytorch_lightning as pl
+
+    from ap.tasks import build
+
+    def first_batch(seed: int) -> torch.Tensor:
+        cfg = tiny_cfg(f"seed={seed}")
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        dm, _ = build(cfg)
+        dm.setup()
+        assert dm.seed == seed
+        return next(iter(dm.train_dataloader()))[0]  # (B, T)
+
+    zero = first_batch(0)
+    assert torch.equal(zero, first_batch(0))
+    assert not torch.equal(zero, first_batch(1))

@@ -57,6 +57,32 @@ def test_parallel_jobs_train_each_seeds_dense_model_once(launcher, tiny_data, tm
         assert len(dense) == 1
 
 
+def test_seeds_change_the_dense_model_and_the_random_masks_and_only_seeds_are_averaged(tiny_data, tmp_path,
+                                                                                       stage_cache):
+    """A seed sweep: each seed trains its own dense model (other weights, other metrics) and draws other random masks;
+    collect averages exactly the seeds of a setting, never two settings (ap50 and random50 stay two rows of n=2)."""
+    import torch
+
+    from ap.collect import load_runs, summarize
+    from ap.core import MaskSet
+
+    results, _ = sweep(tmp_path, tiny_data, "seed=0,1", "pruning=ap50,random50")
+    by = {(r["pruning"], r["config"]["seed"]): r for r in results}
+    assert len(by) == 4 and entries(stage_cache, "dense") == 2
+    assert by["ap50", 0]["dense_metrics"] != by["ap50", 1]["dense_metrics"]  # two dense models ...
+    first, second = (torch.load(p, map_location="cpu") for p in sorted((stage_cache / "stages" / "dense").glob(
+        "*/model.pt")))
+    assert first.keys() == second.keys() and any(not torch.equal(first[k], second[k]) for k in first)
+    masks = [MaskSet.load(Path(by["random50", s]["run_dir"]) / "masks.pt").masks for s in (0, 1)]
+    assert masks[0].keys() == masks[1].keys()
+    assert all(masks[0][k].shape == masks[1][k].shape for k in masks[0])
+    assert any(not torch.equal(masks[0][k], masks[1][k]) for k in masks[0])  # ... and two random draws
+    runs, _ = load_runs([tmp_path / "multirun" / "latest"])
+    summary = summarize(runs)
+    assert sorted(summary["pruning"]) == ["ap50", "random50"] and list(summary["n"]) == [2, 2]
+    assert set(summary["seeds"]) == {"0,1"}
+
+
 def test_ddp_jobs_of_a_multirun_share_stages(tiny_data, tmp_path, stage_cache):
     """DDP inside -m: Lightning restarts each job's ranks from that job's config; rank zero decides cache use."""
     results, log = sweep(tmp_path, tiny_data, "trainer=ddp", "pruning=ap50,ap70", timeout=900)
