@@ -59,7 +59,7 @@ demo-glue: install-hf data-glue
 demo-wmt: install-fairseq data-wmt
 	$(PYTHON) run.py task=wmt pruning=ap50
 
-# Attention and whole-LM speed against dense attention (docs/speed.md; about 10 minutes on 2 CPU cores; table, CSV, PNG):
+# Attention and whole-LM speed against dense attention (docs/speed.md; about 13 minutes on 2 CPU cores; table, CSV, PNG):
 # random and AP-shaped tile masks, and the block backend's flash kernels alone (its ceiling)
 bench:
 	$(PYTHON) scripts/benchmark.py --lengths 1024 2048 4096 --sparsity 0.5 0.9 --backward --mask-shapes random ap --profile \
