@@ -88,3 +88,18 @@ def test_flex_blocks_are_128_on_cuda_and_64_on_cpu():
     keep = torch.ones(256, 256, dtype=torch.bool).tril()
     assert flex_block_mask(keep).BLOCK_SIZE == (64, 64)
     assert flex_block_mask(keep, 128).BLOCK_SIZE == (128, 128)
+
+
+def test_fitted_ap_layouts_keep_the_asked_share_from_sinks_and_band():
+    """The benchmark's AP-shaped masks (fit=True): when sinks and band alone exceed the budget, only the asked share of
+    them is kept (every kept off-diagonal tile is a sink or band tile); unfitted layouts keep them all."""
+    valid = torch.ones(32, 32, dtype=torch.bool).tril()
+    structure = torch.zeros(32, 32, dtype=torch.bool)
+    structure[:, 0] = True
+    for d in range(1, 5):
+        structure |= torch.ones(32, 32, dtype=torch.bool).tril(-d) & ~torch.ones(32, 32, dtype=torch.bool).tril(-d - 1)
+    fitted = gpu_check.tile_layout(32, 3, 0.9, "ap", seed=1, fit=True)  # (H, n, n)
+    assert fitted.sum((1, 2)).tolist() == [round(0.1 * int(valid.sum()))] * 3
+    assert fitted.diagonal(dim1=1, dim2=2).all()
+    assert not (fitted & ~structure & ~torch.eye(32, dtype=torch.bool)).any()
+    assert (gpu_check.tile_layout(32, 3, 0.9, "ap", seed=1).sum((1, 2)) > fitted.sum((1, 2))).all()

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import pandas as pd
 import yaml
 
-from .runs import LOWER_IS_BETTER, setting_columns
+from .runs import LOWER_IS_BETTER, seed_values
 
 
 # the paper's numbers (see the file's header)
@@ -84,17 +84,6 @@ def paper_for(runs: pd.DataFrame, paper: Optional[dict]) -> tuple[list[dict], li
 def paper_point(point: dict) -> str:
     at = "dense" if point["policy"] == "none" else f"{point['policy']} at {100 * point['sparsity']:g} %"
     return f"{point['metric']} {at}: {point['value']:g} ({point['source']})"
-
-
-def seed_values(runs: pd.DataFrame, row: pd.Series, column: str) -> pd.Series:
-    """``column`` of the runs behind summary ``row`` (those sharing its setting), per seed (NaN values dropped)."""
-    match = pd.Series(True, index=runs.index)
-    for key in setting_columns(runs):
-        value = row.get(key)
-        match &= runs[key].isna() if pd.isna(value) else runs[key].astype(object).eq(value)
-    if column not in runs:
-        return pd.Series(dtype=float)
-    return runs[match].groupby("seed")[column].mean().dropna()
 
 
 def claim_line(claim: dict, part: pd.DataFrame, runs: Optional[pd.DataFrame] = None) -> str:

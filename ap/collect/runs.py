@@ -214,6 +214,17 @@ def _log_tail(run_dir: Path) -> str:
     return lines[-1][-200:] if lines else ""
 
 
+def seed_values(runs: pd.DataFrame, row: pd.Series, column: str) -> pd.Series:
+    """``column`` of the runs behind summary ``row`` (those sharing its setting), per seed (NaN values dropped)."""
+    match = pd.Series(True, index=runs.index)
+    for key in setting_columns(runs):
+        value = row.get(key)
+        match &= runs[key].isna() if pd.isna(value) else runs[key].astype(object).eq(value)
+    if column not in runs:
+        return pd.Series(dtype=float)
+    return runs[match].groupby("seed")[column].mean().dropna()
+
+
 def _copies_of_a_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs of one setting with the same seed are no seeds of each other (a setting that tells them apart is not
     recorded, or a run was repeated): each gets its own ``copy`` number, so no row averages them, with a warning."""

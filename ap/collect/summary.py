@@ -7,8 +7,8 @@ from typing import Optional
 
 import pandas as pd
 
-from .paper import claim_line, paper_for, paper_point, seed_values
-from .runs import lower_is_better, setting_columns, value_columns
+from .paper import claim_line, paper_for, paper_point
+from .runs import lower_is_better, seed_values, setting_columns, value_columns
 
 
 # the settings of the pruning: everything else in a setting is the model variant (its dense reference lines)

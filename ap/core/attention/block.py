@@ -165,7 +165,7 @@ class _Rows:
 
     def tiles(self, bs: int) -> Optional[Tensor]:
         """``(B, H*T/bs, bs, D)`` as a view when ``tiled`` (else None)."""
-        return self.rows[:self.b * self.sb].view(self.b, -1, bs, self.rows.shape[-1]) if self.tiled else None
+        return self.rows.view(self.b, -1, bs, self.rows.shape[-1]) if self.tiled else None
 
     def batch_tiles(self, i: int, bs: int) -> Tensor:
         """Batch row ``i`` as ``(H, T/bs, bs, D)`` (a view)."""
@@ -294,7 +294,7 @@ def _flash_forward(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: floa
     bs, qb = plan.bs, -(-tq // plan.bs)
     qr, kr, vr = _rows(q, bs, "q"), _rows(k, bs, "k"), _rows(v, bs, "v")
     out = q.new_empty(b, qb * bs, h, d)
-    outr = _Rows(out.view(-1, d), qb * bs * h, 1, h, b, h, qb * bs)  # (b, head, t) at row (b*Qp + t)*H + head
+    outr = _rows(out.permute(0, 2, 1, 3), bs)  # (b, head, t) at row (b*Qp + t)*H + head
     lse = q.new_empty(b, h * qb, bs, dtype=torch.promote_types(q.dtype, torch.float32)) if need_lse else None
     if plan.uncovered.numel():
         u = plan.uncovered
@@ -341,7 +341,7 @@ class _FlashBlockAttention(torch.autograd.Function):
         plan, bs = ctx.plan, ctx.plan.bs
         b, h, tq, d = q.shape
         qr, kr, vr, gr = (_rows(x, bs, name) for x, name in ((q, "q"), (k, "k"), (v, "v"), (grad, "g")))
-        outr = _Rows(out.view(-1, d), out.shape[1] * h, 1, h, b, h, out.shape[1])
+        outr = _rows(out.permute(0, 2, 1, 3), bs)  # (B, Qp, H, D) as rows, as in the forward
         dq = q.new_empty(b, h * qr.t // bs, bs, d)  # (B, H*Qb, bs, D): each query tile in one part or uncovered
         dq.index_fill_(1, plan.uncovered, 0.0)
         dk, dv = k.new_zeros(b, h * kr.t, d), v.new_zeros(b, h * kr.t, d)  # (B, H*Kp, D)
