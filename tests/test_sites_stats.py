@@ -75,6 +75,28 @@ def test_incremental_step_after_a_left_padded_prefix():
     assert not torch.allclose(dense, step), "the mask matters"
 
 
+@pytest.mark.parametrize("kind", ["enc_self", "dec_self", "cross"])
+def test_a_batch_of_one_can_still_be_left_padded(kind):
+    """Greedy search drops finished sentences until one row, left-padded to the batch's longest source, can remain:
+    its mask entries are those of its real positions, as when the sentence runs alone (and for a decoding step)."""
+    g = torch.Generator().manual_seed(4)
+    site = AttentionSite(kind, n_heads=2, max_q=8, max_k=8)
+    site.set_mask((torch.rand(2, 8, 8, generator=g) > 0.4) | torch.eye(8, dtype=torch.bool))
+    s = torch.randn(5, 2, 4, generator=g)  # (T, H, D)
+    x, pad = pad_batch([s], "left", 8)  # (1, 8, H, D)
+    x = x.transpose(1, 2)  # (1, H, 8, D)
+    alone = site(*(s.transpose(0, 1)[None],) * 3)  # (1, H, 5, D)
+    for backend in ("eager", "sdpa", "block", "auto"):
+        site.backend = backend
+        out = site(x, x, x, q_padding=pad, k_padding=pad)  # (1, H, 8, D)
+        torch.testing.assert_close(out[0][:, ~pad[0]], alone[0])
+        if kind == "cross":  # one decoding step: the query at position 4 against the padded source
+            step = site(x[:, :, -1:], x, x, k_padding=pad, q_offset=4)  # (1, H, 1, D)
+            torch.testing.assert_close(step[0, :, 0], alone[0, :, 4])
+    dense = AttentionSite(kind, n_heads=2, max_q=8, max_k=8)(*(s.transpose(0, 1)[None],) * 3)
+    assert not torch.allclose(dense, alone), "the mask matters"
+
+
 def test_site_rejects_masks_it_cannot_apply():
     site = AttentionSite("enc_self", n_heads=2, max_q=4, max_k=4)
     with pytest.raises(MaskError, match="heads"):
