@@ -386,7 +386,7 @@ def test_dense_reference_lines_are_per_model_variant_and_kinds_are_the_models(tm
 def test_curves_say_what_they_show(tmp_path, monkeypatch):
     """Training-free points are labelled so, a perplexity spanning 20 to 2,000 gets a log axis, the y-label says the
     direction, the title names the model and the seeds per point, single-seed points carry no error bars, and runs
-    pruning different kinds say that x is the overall sparsity."""
+    pruning different kinds put each run at the sparsity within the kinds it prunes."""
     from matplotlib.figure import Figure
 
     figures = []
@@ -409,13 +409,29 @@ def test_curves_say_what_they_show(tmp_path, monkeypatch):
     assert not ax.containers  # no error bars on single-seed points
     assert ax.get_xlabel().startswith("achieved sparsity")
     figures.clear()
-    for i, kinds in enumerate((["enc_self"], ["cross"])):  # per-kind MT runs
+    for i, (kinds, overall) in enumerate(((["enc_self"], 0.2), (["cross"], 0.25), (KINDS, 0.5))):  # per-kind MT runs
         r = lm_results("ap50", 0)
         r["config"]["pruning"]["kinds"] = kinds
-        r["sparsity_per_kind"] = {"enc_self": 0.5, "dec_self": 0.0, "cross": 0.5}
+        r["sparsity_achieved"] = overall
+        r["sparsity_per_kind"] = {k: 0.5 if k in kinds else 0.0 for k in KINDS}
         write_run(tmp_path / "kinds" / str(i), r)
     plot_curves(load_runs([tmp_path / "kinds"])[0], tmp_path / "curves2")
-    assert all(f.axes[0].get_xlabel().startswith("overall achieved sparsity") for f in figures)
+    assert figures and all(f.axes[0].get_xlabel().startswith("sparsity of the pruned kinds") for f in figures)
+    xs = [x for line in figures[0].axes[0].lines if line.get_marker() == "o" for x in line.get_xdata()]
+    assert len(xs) == 6 and xs == pytest.approx([50.0] * 6), "x (after and before ft): each kind's own sparsity, not the overall one"
+
+
+def test_the_claim_ranks_per_kind_runs_by_the_attention_they_prune_overall(tmp_path, paper_file):
+    """AP90 on encoder self-attention alone prunes 36 % of all attention: the claim's point is AP50 on every kind
+    (50 % overall), not the higher target."""
+    runs = load_runs([preset_sweep(tmp_path / "sweep", "sweep_fixture")])[0].assign(kinds=",".join(KINDS))
+    alone = runs[runs["pruning"] == "ap90"].assign(kinds="enc_self", sparsity=0.36, **{"val/ppl": 50.2})
+    both = pd.concat([runs, alone], ignore_index=True)
+    claim = next(line for line in markdown(summarize(both), both.iloc[:0], load_paper_results(paper_file))
+                 .splitlines() if line.startswith("- **Paper**"))
+    assert "up to an overall sparsity of 50.0 % (ap50, kinds=enc_self,dec_self,cross: 50.500" in claim, claim
+    assert claim.endswith("not within it above: ap90, kinds=enc_self,dec_self,cross: 51.500, achieved sparsity "
+                          "90.0 %."), claim
 
 
 def test_comparisons_say_in_how_many_seeds_they_hold(sweep, tmp_path, paper_file):

@@ -36,8 +36,8 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
             for i, (key, line) in enumerate(points.groupby(line_keys, dropna=False, sort=True)):
                 setting = dict(zip(line_keys, key))
                 label = ", ".join([str(setting["policy"])] + [f"{k.rsplit('.', 1)[-1]}={setting[k]}" for k in varying])
-                line = line.sort_values("sparsity_mean")
-                x, color = 100 * line["sparsity_mean"], f"C{i % 10}"
+                line = line.assign(x=_x(line, here)).sort_values("x")
+                x, color = 100 * line["x"], f"C{i % 10}"
                 free = str(setting.get("finetune")) == "False"  # (a bool, or numpy's)
                 _points(ax, x, line, metric, color, f"{label} ({'training-free' if free else 'fine-tuned'})", "-")
                 if not free and f"pre/{metric}_mean" in line and line[f"pre/{metric}_mean"].notna().any():
@@ -84,11 +84,29 @@ def _points(ax: Any, x: pd.Series, line: pd.DataFrame, column: str, color: str, 
         ax.plot(x, y, color=color, marker="o", linestyle=style, label=label, **hollow)
 
 
+def _per_kind(runs: pd.DataFrame) -> bool:
+    """Whether the runs prune different sets of attention kinds (encoder self, decoder self, cross)."""
+    return "kinds" in runs and runs["kinds"].dropna().astype(str).nunique() > 1
+
+
+def _x(points: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
+    """Each point's x (a fraction): the achieved sparsity; where the runs prune different kinds, the sparsity within
+    the kinds a point prunes (the mean of their ``sparsity/<kind>``), so each kind's curve shows where it breaks."""
+    if not _per_kind(runs):
+        return points["sparsity_mean"]
+
+    def within(row: pd.Series) -> float:
+        kinds = [f"sparsity/{k}_mean" for k in str(row["kinds"]).split(",")]
+        if not all(k in row and pd.notna(row[k]) for k in kinds):
+            return row["sparsity_mean"]  # (results without per-kind sparsity)
+        return sum(row[k] for k in kinds) / len(kinds)
+    return points.apply(within, axis=1)
+
+
 def _x_label(runs: pd.DataFrame) -> str:
-    """The x-axis: overall achieved sparsity; said so where runs prune only some attention kinds."""
-    kinds = runs["kinds"].dropna().astype(str) if "kinds" in runs else pd.Series(dtype=str)
-    if kinds.nunique() > 1:
-        return "overall achieved sparsity (% of all valid attention entries pruned, every kind counted)"
+    """The x-axis: achieved sparsity; within the pruned kinds where runs prune different attention kinds."""
+    if _per_kind(runs):
+        return "sparsity of the pruned kinds (% of their valid attention entries pruned; mean over the kinds)"
     return "achieved sparsity (% of valid attention entries pruned)"
 
 
