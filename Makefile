@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # --no-build-isolation against the torch installed here (compiles C++/Cython once, about 2 minutes on 2 cores).
 FAIRSEQ ?= fairseq-fixed==0.12.3.1
 
-.PHONY: install install-fairseq install-hf install-clm install-sweep install-test data data-glue data-wmt data-smollm2 demo demo-glue demo-wmt bench gpu-check reproduce-sample test test-fast clean
+.PHONY: install install-fairseq install-hf install-clm install-sweep install-test data data-glue data-wmt data-smollm2 demo demo-glue demo-wmt bench gpu-check reproduce-sample reproduce-lm reproduce-mt reproduce-glue test test-fast clean
 
 # What the default run (task=lm) needs; every other task installs its extra when asked (install-fairseq, -hf, -clm).
 install:
@@ -71,30 +71,52 @@ bench:
 gpu-check: install-hf install-fairseq data data-glue data-wmt data-smollm2
 	$(PYTHON) scripts/gpu_check.py
 
-# The paper's three claims at sample scale (docs/reproducing.md), each curve within 30 minutes on 2 CPU cores: LM with
-# Transformer-XL memory (AP 20-95 % vs random), MT on the de->en sample (AP50 on each attention kind and on all three,
-# against random50 on all three), GLUE on the SST-2-format sample (AP vs random at 20/50/70/90 %). Tables and curves
-# replace experiments/results/reproduce_{lm,mt,glue}/, with the runs behind them (--keep-runs). Stages are cached
-# (paths.cache_dir): a rerun reuses dense models, baselines and statistics. Each curve's wall time is printed.
+# The paper's three claims at sample scale (docs/reproducing.md) on 2 CPU cores: LM with Transformer-XL memory (AP 20-95 %
+# vs random), MT on the de->en sample (AP and random at 30/50/70/90 % on each attention kind and on all three), GLUE on
+# the SST-2-format sample (AP vs random at 20/50/70/90 %). Seed 0 runs each curve's whole grid; seeds 1 .. REPRO_SEEDS-1
+# rerun the points conclusions are drawn from: AP and random at the claim's sparsity and the next one up (LM 90/95,
+# MT on all three kinds and GLUE 50/70). REPRO_SEEDS=1 is the single-seed version. Each curve's wall time is printed;
+# its tables and curves replace experiments/results/reproduce_{lm,mt,glue}/, with the runs behind them (--keep-runs).
+# Stages are cached (paths.cache_dir): a rerun reuses dense models, baselines and statistics.
+#   make reproduce-sample                 # the three curves; make reproduce-lm (-mt, -glue) runs one
+#   make reproduce-sample REPRO_SEEDS=1   # one seed
 REPRO := multirun/reproduce_$(shell date +%Y-%m-%d_%H-%M-%S)
-reproduce-sample: install-hf install-fairseq data data-glue data-wmt
+REPRO_SEEDS ?= 3
+EXTRA_SEEDS := $(shell seq -s, 1 $$(( $(REPRO_SEEDS) - 1 )))
+LM_CLAIM := ap90,ap95,random90,random95
+MT_CLAIM := ap50,ap70,random50,random70 'pruning.kinds=[enc_self,dec_self,cross]'
+GLUE_CLAIM := ap50,ap70,random50,random70
+reproduce-sample: reproduce-lm reproduce-mt reproduce-glue
+
+reproduce-lm: install data
 	@start=$$(date +%s); \
 	$(PYTHON) run.py experiment=sweep_txl_sample hydra.sweep.dir=$(REPRO)/lm && \
-	echo "reproduce-sample: LM curve took $$(( $$(date +%s) - start )) s"
+	$(if $(EXTRA_SEEDS),$(PYTHON) run.py experiment=sweep_txl_sample seed=$(EXTRA_SEEDS) pruning=$(LM_CLAIM) \
+		hydra.sweep.dir=$(REPRO)/lm_seeds &&) \
+	echo "reproduce-sample: LM curve took $$(( $$(date +%s) - start )) s (REPRO_SEEDS=$(REPRO_SEEDS))"
 	rm -rf experiments/results/reproduce_lm
-	$(PYTHON) scripts/collect_results.py $(REPRO)/lm --out experiments/results/reproduce_lm --keep-runs
+	$(PYTHON) scripts/collect_results.py $(REPRO)/lm $(if $(EXTRA_SEEDS),$(REPRO)/lm_seeds) \
+		--out experiments/results/reproduce_lm --keep-runs
+
+reproduce-mt: install-fairseq data-wmt
 	@start=$$(date +%s); \
 	$(PYTHON) run.py experiment=sweep_wmt_kinds hydra.sweep.dir=$(REPRO)/mt && \
-	$(PYTHON) run.py experiment=sweep_wmt_kinds pruning=random50 'pruning.kinds=[enc_self,dec_self,cross]' \
-		hydra.sweep.dir=$(REPRO)/mt_random && \
-	echo "reproduce-sample: MT curve took $$(( $$(date +%s) - start )) s"
+	$(if $(EXTRA_SEEDS),$(PYTHON) run.py experiment=sweep_wmt_kinds seed=$(EXTRA_SEEDS) pruning=$(MT_CLAIM) \
+		hydra.sweep.dir=$(REPRO)/mt_seeds &&) \
+	echo "reproduce-sample: MT curve took $$(( $$(date +%s) - start )) s (REPRO_SEEDS=$(REPRO_SEEDS))"
 	rm -rf experiments/results/reproduce_mt
-	$(PYTHON) scripts/collect_results.py $(REPRO)/mt $(REPRO)/mt_random --out experiments/results/reproduce_mt --keep-runs
+	$(PYTHON) scripts/collect_results.py $(REPRO)/mt $(if $(EXTRA_SEEDS),$(REPRO)/mt_seeds) \
+		--out experiments/results/reproduce_mt --keep-runs
+
+reproduce-glue: install-hf data-glue
 	@start=$$(date +%s); \
 	$(PYTHON) run.py experiment=sweep_glue_sample hydra.sweep.dir=$(REPRO)/glue && \
-	echo "reproduce-sample: GLUE curve took $$(( $$(date +%s) - start )) s"
+	$(if $(EXTRA_SEEDS),$(PYTHON) run.py experiment=sweep_glue_sample seed=$(EXTRA_SEEDS) pruning=$(GLUE_CLAIM) \
+		hydra.sweep.dir=$(REPRO)/glue_seeds &&) \
+	echo "reproduce-sample: GLUE curve took $$(( $$(date +%s) - start )) s (REPRO_SEEDS=$(REPRO_SEEDS))"
 	rm -rf experiments/results/reproduce_glue
-	$(PYTHON) scripts/collect_results.py $(REPRO)/glue --out experiments/results/reproduce_glue --keep-runs
+	$(PYTHON) scripts/collect_results.py $(REPRO)/glue $(if $(EXTRA_SEEDS),$(REPRO)/glue_seeds) \
+		--out experiments/results/reproduce_glue --keep-runs
 
 test: install-test
 	$(PYTHON) -m pytest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -218,12 +219,51 @@ def test_txl_curve_runs_transformer_xl_with_memory():
 
 
 def test_wmt_kinds_preset_prunes_each_kind_alone_and_all_together():
+    """AP and random at 30/50/70/90 % on each kind alone and on all three: 32 runs of the 800-update dense model,
+    greedy BLEU."""
     jobs = job_configs("sweep_wmt_kinds")
-    assert {(j.task.dense.max_steps, j.task.finetune.max_steps) for j in jobs} == {(240, 30)}  # sized for 30 min
-    kinds = sorted(tuple(pruning_config(j).pruned_kinds()) for j in jobs)
-    assert kinds == sorted([("enc_self",), ("dec_self",), ("cross",), ("cross", "dec_self", "enc_self")])
-    assert {(j.task.type, pruning_config(j).policy.value, pruning_config(j).sparsity) for j in jobs} == {
-        ("wmt", "ap", 0.5)}
+    assert {(j.task.dense.max_steps, j.task.finetune.max_steps, j.task.module.beam) for j in jobs} == {(800, 30, 1)}
+    grid = sorted((pruning_config(j).policy.value, round(pruning_config(j).sparsity, 2),
+                   tuple(pruning_config(j).pruned_kinds())) for j in jobs)
+    kinds = [("enc_self",), ("dec_self",), ("cross",), ("cross", "dec_self", "enc_self")]
+    assert grid == sorted((p, s, k) for p in ("ap", "random") for s in (0.3, 0.5, 0.7, 0.9) for k in kinds)
+    assert {j.task.type for j in jobs} == {"wmt"}
+
+
+# make reproduce-sample: each curve's preset and the runs its extra seeds repeat (the claim's sparsity, the next one up)
+REPRODUCE = {"reproduce-lm": ("sweep_txl_sample", 0.9, 0.95), "reproduce-mt": ("sweep_wmt_kinds", 0.5, 0.7),
+             "reproduce-glue": ("sweep_glue_sample", 0.5, 0.7)}
+
+
+def make_commands(target: str, *variables: str) -> list[str]:
+    """The run.py commands `make <target>` would run (make -n prints them without running anything)."""
+    proc = subprocess.run(["make", "-n", target, *variables], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = re.sub(r"\\\n\s*", " ", proc.stdout)  # (continued lines joined)
+    return [re.split(r"\s*(&&|;|\n)", command, maxsplit=1)[0] for command in text.split("run.py ")[1:]]
+
+
+@pytest.mark.parametrize("target", sorted(REPRODUCE))
+def test_reproduce_sample_reruns_the_claims_points_with_more_seeds(target):
+    """Seed 0 runs the whole grid; seeds 1 and 2 rerun AP and random at the claim's sparsity and the next one up,
+    settings of the grid (so collect averages them with seed 0's); REPRO_SEEDS=1 runs the grid alone."""
+    preset, claim, above = REPRODUCE[target]
+    grid, extra = make_commands(target, "REPRO_SEEDS=3", "REPRO=out")
+    assert grid.split()[0] == extra.split()[0] == f"experiment={preset}" and "seed=" not in grid
+    overrides = [o.strip("'") for o in extra.split() if not o.startswith("hydra.")]
+    assert "seed=1,2" in overrides
+    params = compose_full(f"experiment={preset}").hydra.sweeper.params
+    jobs = [compose_full(f"experiment={preset}", *job) for job in expand(params, overrides[1:])]
+    points = {(pruning_config(j).policy.value, round(pruning_config(j).sparsity, 2), tuple(j.pruning.kinds))
+              for j in jobs}
+    assert {(p, s) for p, s, _ in points} == {(p, s) for p in ("ap", "random") for s in (claim, above)}
+    assert len(jobs) == 2 * len(points) and {j.seed for j in jobs} == {1, 2}
+    in_grid = {(pruning_config(j).policy.value, round(pruning_config(j).sparsity, 2), tuple(j.pruning.kinds))
+               for j in job_configs(preset)}
+    assert points <= in_grid, points - in_grid
+    if preset == "sweep_wmt_kinds":
+        assert {k for _, _, k in points} == {("enc_self", "dec_self", "cross")}
+    assert make_commands(target, "REPRO_SEEDS=1", "REPRO=out") == [grid], "one seed: the grid alone"
 
 
 def test_command_line_replaces_a_grid_key_and_multiplies_by_new_ones():
