@@ -418,7 +418,7 @@ def test_curves_say_what_they_show(tmp_path, monkeypatch):
     plot_curves(load_runs([tmp_path / "kinds"])[0], tmp_path / "curves2")
     assert figures and all(f.axes[0].get_xlabel().startswith("sparsity of the pruned kinds") for f in figures)
     xs = [x for line in figures[0].axes[0].lines if line.get_marker() == "o" for x in line.get_xdata()]
-    assert len(xs) == 6 and xs == pytest.approx([50.0] * 6), "x (after and before ft): each kind's own sparsity, not the overall one"
+    assert len(xs) == 3 and xs == pytest.approx([50.0] * 3), "x: each kind's own sparsity, not the overall one"
 
 
 def test_the_claim_ranks_per_kind_runs_by_the_attention_they_prune_overall(tmp_path, paper_file):

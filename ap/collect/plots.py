@@ -33,6 +33,7 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
             fig = Figure(figsize=(6.4, 4.4), layout="constrained")
             ax = fig.add_subplot()
             varying = [k for k in line_keys if k != "policy" and points[k].astype(str).nunique() > 1]
+            per_kind = _per_kind(here)
             for i, (key, line) in enumerate(points.groupby(line_keys, dropna=False, sort=True)):
                 setting = dict(zip(line_keys, key))
                 label = ", ".join([str(setting["policy"])] + [f"{k.rsplit('.', 1)[-1]}={setting[k]}" for k in varying])
@@ -40,7 +41,9 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
                 x, color = 100 * line["x"], f"C{i % 10}"
                 free = str(setting.get("finetune")) == "False"  # (a bool, or numpy's)
                 _points(ax, x, line, metric, color, f"{label} ({'training-free' if free else 'fine-tuned'})", "-")
-                if not free and f"pre/{metric}_mean" in line and line[f"pre/{metric}_mean"].notna().any():
+                # (per-kind grids: 8 lines already; their before-fine-tuning values are in summary.md)
+                if not free and f"pre/{metric}_mean" in line and line[f"pre/{metric}_mean"].notna().any() \
+                        and not per_kind:
                     _points(ax, x, line, f"pre/{metric}", color, f"{label} (before fine-tuning)", "--")
             data_lines = len(ax.get_legend_handles_labels()[0])  # (reference and paper entries come next)
             for prefix, name, style in (("dense/", "dense", "-"), ("dense_ft/", "dense+ft", ":")):
@@ -106,7 +109,7 @@ def _x(points: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
 def _x_label(runs: pd.DataFrame) -> str:
     """The x-axis: achieved sparsity; within the pruned kinds where runs prune different attention kinds."""
     if _per_kind(runs):
-        return "sparsity of the pruned kinds (% of their valid attention entries pruned; mean over the kinds)"
+        return "sparsity of the pruned kinds (% of their valid entries)"
     return "achieved sparsity (% of valid attention entries pruned)"
 
 
