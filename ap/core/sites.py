@@ -140,9 +140,9 @@ class AttentionSite(nn.Module):
             raise MaskError(f"site {self.name!r}: input reaches query position {int(q_pos.max())} / key position "
                             f"{int(k_pos.max())} but the mask covers {m.shape[1] * t}x{m.shape[2] * t}; rebuild masks "
                             f"for a longer max length")
-        if q_pos.shape[0] == 1 and k_pos.shape[0] == 1 and int(q_pos[0, 0]) >= 0 and int(k_pos[0, 0]) >= 0:
-            # one row of contiguous positions (no padding: a batch of one may still be left-padded): a slice
-            q0, k0 = int(q_pos[0, 0]), int(k_pos[0, 0])
+        one_row = q_pos.shape[0] == 1 and k_pos.shape[0] == 1
+        q0, k0 = (int(q_pos[0, 0]), int(k_pos[0, 0])) if one_row else (-1, -1)
+        if q0 >= 0 and k0 >= 0:  # one row of contiguous positions (a batch of one may be left-padded): a slice
             if t == 1:
                 return m[:, q0:q0 + q_pos.shape[1], k0:k0 + k_pos.shape[1]][None]  # (1, H, Tq, Tk)
             rows = torch.arange(q0, q0 + q_pos.shape[1], device=m.device) // t  # (Tq,) tile of each query
