@@ -89,35 +89,26 @@ MT_CLAIM := ap50,ap70,random50,random70 'pruning.kinds=[enc_self,dec_self,cross]
 GLUE_CLAIM := ap50,ap70,random50,random70
 reproduce-sample: reproduce-lm reproduce-mt reproduce-glue
 
+# $(call reproduce,<curve: lm | mt | glue>,<label>,<preset>,<the extra seeds' overrides>): one curve, timed, collected
+define reproduce
+@start=$$(date +%s); \
+$(PYTHON) run.py experiment=$(3) hydra.sweep.dir=$(REPRO)/$(1) && \
+$(if $(EXTRA_SEEDS),$(PYTHON) run.py experiment=$(3) seed=$(EXTRA_SEEDS) pruning=$(4) \
+	hydra.sweep.dir=$(REPRO)/$(1)_seeds &&) \
+echo "reproduce-sample: $(2) curve took $$(( $$(date +%s) - start )) s (REPRO_SEEDS=$(REPRO_SEEDS))"
+rm -rf experiments/results/reproduce_$(1)
+$(PYTHON) scripts/collect_results.py $(REPRO)/$(1) $(if $(EXTRA_SEEDS),$(REPRO)/$(1)_seeds) \
+	--out experiments/results/reproduce_$(1) --keep-runs
+endef
+
 reproduce-lm: install data
-	@start=$$(date +%s); \
-	$(PYTHON) run.py experiment=sweep_txl_sample hydra.sweep.dir=$(REPRO)/lm && \
-	$(if $(EXTRA_SEEDS),$(PYTHON) run.py experiment=sweep_txl_sample seed=$(EXTRA_SEEDS) pruning=$(LM_CLAIM) \
-		hydra.sweep.dir=$(REPRO)/lm_seeds &&) \
-	echo "reproduce-sample: LM curve took $$(( $$(date +%s) - start )) s (REPRO_SEEDS=$(REPRO_SEEDS))"
-	rm -rf experiments/results/reproduce_lm
-	$(PYTHON) scripts/collect_results.py $(REPRO)/lm $(if $(EXTRA_SEEDS),$(REPRO)/lm_seeds) \
-		--out experiments/results/reproduce_lm --keep-runs
+	$(call reproduce,lm,LM,sweep_txl_sample,$(LM_CLAIM))
 
 reproduce-mt: install-fairseq data-wmt
-	@start=$$(date +%s); \
-	$(PYTHON) run.py experiment=sweep_wmt_kinds hydra.sweep.dir=$(REPRO)/mt && \
-	$(if $(EXTRA_SEEDS),$(PYTHON) run.py experiment=sweep_wmt_kinds seed=$(EXTRA_SEEDS) pruning=$(MT_CLAIM) \
-		hydra.sweep.dir=$(REPRO)/mt_seeds &&) \
-	echo "reproduce-sample: MT curve took $$(( $$(date +%s) - start )) s (REPRO_SEEDS=$(REPRO_SEEDS))"
-	rm -rf experiments/results/reproduce_mt
-	$(PYTHON) scripts/collect_results.py $(REPRO)/mt $(if $(EXTRA_SEEDS),$(REPRO)/mt_seeds) \
-		--out experiments/results/reproduce_mt --keep-runs
+	$(call reproduce,mt,MT,sweep_wmt_kinds,$(MT_CLAIM))
 
 reproduce-glue: install-hf data-glue
-	@start=$$(date +%s); \
-	$(PYTHON) run.py experiment=sweep_glue_sample hydra.sweep.dir=$(REPRO)/glue && \
-	$(if $(EXTRA_SEEDS),$(PYTHON) run.py experiment=sweep_glue_sample seed=$(EXTRA_SEEDS) pruning=$(GLUE_CLAIM) \
-		hydra.sweep.dir=$(REPRO)/glue_seeds &&) \
-	echo "reproduce-sample: GLUE curve took $$(( $$(date +%s) - start )) s (REPRO_SEEDS=$(REPRO_SEEDS))"
-	rm -rf experiments/results/reproduce_glue
-	$(PYTHON) scripts/collect_results.py $(REPRO)/glue $(if $(EXTRA_SEEDS),$(REPRO)/glue_seeds) \
-		--out experiments/results/reproduce_glue --keep-runs
+	$(call reproduce,glue,GLUE,sweep_glue_sample,$(GLUE_CLAIM))
 
 test: install-test
 	$(PYTHON) -m pytest
