@@ -419,6 +419,17 @@ def test_curves_say_what_they_show(tmp_path, monkeypatch):
     assert figures and all(f.axes[0].get_xlabel().startswith("sparsity of the pruned kinds") for f in figures)
     xs = [x for line in figures[0].axes[0].lines if line.get_marker() == "o" for x in line.get_xdata()]
     assert len(xs) == 3 and xs == pytest.approx([50.0] * 3), "x: each kind's own sparsity, not the overall one"
+    figures.clear()
+    r = lm_results("random50", 0)  # random on encoder self-attention: the AP line's colour, dashed
+    r["config"]["pruning"]["kinds"] = ["enc_self"]
+    r["sparsity_achieved"], r["sparsity_per_kind"] = 0.2, {"enc_self": 0.5, "dec_self": 0.0, "cross": 0.0}
+    write_run(tmp_path / "kinds" / "3", r)
+    plot_curves(load_runs([tmp_path / "kinds"])[0], tmp_path / "curves3")
+    lines = {line.get_label(): line for line in figures[0].axes[0].lines if line.get_marker() == "o"}
+    ap, rnd, cross = (lines[f"{p}, kinds={k} (fine-tuned)"] for p, k in
+                      (("ap", "enc_self"), ("random", "enc_self"), ("ap", "cross")))
+    assert ap.get_color() == rnd.get_color() != cross.get_color()
+    assert (ap.get_linestyle(), rnd.get_linestyle(), cross.get_linestyle()) == ("-", "--", "-")
 
 
 def test_the_claim_ranks_per_kind_runs_by_the_attention_they_prune_overall(tmp_path, paper_file):

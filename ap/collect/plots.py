@@ -34,13 +34,20 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
             ax = fig.add_subplot()
             varying = [k for k in line_keys if k != "policy" and points[k].astype(str).nunique() > 1]
             per_kind = _per_kind(here)
+            colours: dict[tuple, str] = {}  # (per-kind grids: one colour per kind, a line style per policy)
             for i, (key, line) in enumerate(points.groupby(line_keys, dropna=False, sort=True)):
                 setting = dict(zip(line_keys, key))
                 label = ", ".join([str(setting["policy"])] + [f"{k.rsplit('.', 1)[-1]}={setting[k]}" for k in varying])
                 line = line.assign(x=_x(line, here)).sort_values("x")
-                x, color = 100 * line["x"], f"C{i % 10}"
+                if per_kind:
+                    rest = tuple(str(v) for k, v in setting.items() if k != "policy")
+                    color = colours.setdefault(rest, f"C{len(colours) % 10}")
+                    style = "-" if str(setting["policy"]) == "ap" else "--"
+                else:
+                    color, style = f"C{i % 10}", "-"
+                x = 100 * line["x"]
                 free = str(setting.get("finetune")) == "False"  # (a bool, or numpy's)
-                _points(ax, x, line, metric, color, f"{label} ({'training-free' if free else 'fine-tuned'})", "-")
+                _points(ax, x, line, metric, color, f"{label} ({'training-free' if free else 'fine-tuned'})", style)
                 # (per-kind grids: 8 lines already; their before-fine-tuning values are in summary.md)
                 if not free and f"pre/{metric}_mean" in line and line[f"pre/{metric}_mean"].notna().any() \
                         and not per_kind:
