@@ -77,8 +77,8 @@ gpu-check: install-hf install-fairseq data data-glue data-wmt data-smollm2
 # rerun the points conclusions are drawn from: AP and random at the claim's sparsity and the next one up (LM 90/95,
 # MT on all three kinds and GLUE 50/70). REPRO_SEEDS=1 is the single-seed version. Each curve's wall time is printed;
 # its tables and curves replace experiments/results/reproduce_{lm,mt,glue}/, with the runs behind them (--keep-runs).
-# Stages are cached (paths.cache_dir): a rerun reuses dense models, baselines and statistics. The MT seed-0 grid alone
-# took 77 min on 2 CPU cores (2026-12-07); the whole run about 3.5 h, estimated from stage times (docs/reproducing.md).
+# Stages are cached (paths.cache_dir): a rerun reuses dense models, baselines and statistics. On 2 CPU cores
+# (2026-12-07, docs/reproducing.md): LM 25 min, GLUE 44 min, MT 77 min for seed 0 and 66 min for seeds 1-2: 3 h 32 min.
 #   make reproduce-sample                 # the three curves; make reproduce-lm (-mt, -glue) runs one
 #   make reproduce-sample REPRO_SEEDS=1   # one seed
 REPRO := multirun/reproduce_$(shell date +%Y-%m-%d_%H-%M-%S)
