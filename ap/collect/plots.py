@@ -27,24 +27,21 @@ def plot_curves(runs: pd.DataFrame, out_dir: Path | str, paper: Optional[dict] =
     for task_name, points in pruned.groupby("task_name", sort=True):
         here = runs[runs["task_name"] == task_name]
         claims, paper_points = paper_for(here, paper)
+        per_kind = _per_kind(here)  # (one colour per kind, a line style per policy; no before-fine-tuning lines)
         for metric in metric_columns(here):
             if points.get(f"{metric}_mean", pd.Series(dtype=float)).notna().sum() == 0:
                 continue
             fig = Figure(figsize=(6.4, 4.4), layout="constrained")
             ax = fig.add_subplot()
             varying = [k for k in line_keys if k != "policy" and points[k].astype(str).nunique() > 1]
-            per_kind = _per_kind(here)
-            colours: dict[tuple, str] = {}  # (per-kind grids: one colour per kind, a line style per policy)
-            for i, (key, line) in enumerate(points.groupby(line_keys, dropna=False, sort=True)):
+            colours: dict[tuple, str] = {}
+            for key, line in points.groupby(line_keys, dropna=False, sort=True):
                 setting = dict(zip(line_keys, key))
                 label = ", ".join([str(setting["policy"])] + [f"{k.rsplit('.', 1)[-1]}={setting[k]}" for k in varying])
                 line = line.assign(x=_x(line, here)).sort_values("x")
-                if per_kind:
-                    rest = tuple(str(v) for k, v in setting.items() if k != "policy")
-                    color = colours.setdefault(rest, f"C{len(colours) % 10}")
-                    style = "-" if str(setting["policy"]) == "ap" else "--"
-                else:
-                    color, style = f"C{i % 10}", "-"
+                shade = tuple(str(v) for k, v in setting.items() if k != "policy") if per_kind else key
+                color = colours.setdefault(shade, f"C{len(colours) % 10}")
+                style = "--" if per_kind and str(setting["policy"]) != "ap" else "-"
                 x = 100 * line["x"]
                 free = str(setting.get("finetune")) == "False"  # (a bool, or numpy's)
                 _points(ax, x, line, metric, color, f"{label} ({'training-free' if free else 'fine-tuned'})", style)
