@@ -75,37 +75,47 @@ gpu-check: install-hf install-fairseq data data-glue data-wmt data-smollm2
 # vs random), MT on the de->en sample (AP and random at 30/50/70/90 % on each attention kind and on all three), GLUE on
 # the SST-2-format sample (AP vs random at 20/50/70/90 %). Seed 0 runs each curve's whole grid; seeds 1 .. REPRO_SEEDS-1
 # rerun the points conclusions are drawn from: AP and random at the claim's sparsity and the next one up (LM 90/95,
-# MT on all three kinds and GLUE 50/70). REPRO_SEEDS=1 is the single-seed version. Each curve's wall time is printed;
+# MT on all three kinds and GLUE 50/70). REPRO_SEEDS=1 is the single-seed version. MT also decodes each seed's dense model
+# with beam 5, as task=wmt does (the grid decodes greedily): its test BLEU, into reproduce_mt/dense_beam5/, reusing the
+# cached dense models. Each curve's wall time is printed;
 # its tables and curves replace experiments/results/reproduce_{lm,mt,glue}/, with the runs behind them (--keep-runs).
 # Stages are cached (paths.cache_dir): a rerun reuses dense models, baselines and statistics. On 2 CPU cores
-# (2026-12-07, docs/reproducing.md): LM 25 min, GLUE 44 min, MT 77 min for seed 0 and 66 min for seeds 1-2: 3 h 32 min.
+# (2026-12-07/08, docs/reproducing.md): LM 25 min, GLUE 44 min, MT 77 min for seed 0, 66 min for seeds 1-2 and 3.4 min for
+# the dense models at beam 5: 3 h 35 min (REPRO_SEEDS=1: about 1 h 51 min).
 #   make reproduce-sample                 # the three curves; make reproduce-lm (-mt, -glue) runs one
 #   make reproduce-sample REPRO_SEEDS=1   # one seed
 REPRO := multirun/reproduce_$(shell date +%Y-%m-%d_%H-%M-%S)
 REPRO_SEEDS ?= 3
 EXTRA_SEEDS := $(shell seq -s, 1 $$(( $(REPRO_SEEDS) - 1 )))
+ALL_SEEDS := $(shell seq -s, 0 $$(( $(REPRO_SEEDS) - 1 )))
 LM_CLAIM := ap90,ap95,random90,random95
 MT_CLAIM := ap50,ap70,random50,random70 'pruning.kinds=[enc_self,dec_self,cross]'
 GLUE_CLAIM := ap50,ap70,random50,random70
+# each seed's dense MT model (the grid's: same dense settings, so reused from the stage cache) decoded with beam 5
+MT_DENSE_BEAM := pruning=none 'pruning.kinds=[enc_self,dec_self,cross]' task.module.beam=5 dense_finetune_baseline=false
 reproduce-sample: reproduce-lm reproduce-mt reproduce-glue
 
-# $(call reproduce,<curve: lm | mt | glue>,<label>,<preset>,<the extra seeds' overrides>): one curve, timed, collected
+# $(call reproduce,<curve: lm | mt | glue>,<label>,<preset>,<the extra seeds' overrides>[,<overrides of a last sweep over
+# every seed, collected into reproduce_<curve>/<name>>,<name>]): one curve, timed, collected
 define reproduce
 @start=$$(date +%s); \
 $(PYTHON) run.py experiment=$(3) hydra.sweep.dir=$(REPRO)/$(1) && \
 $(if $(EXTRA_SEEDS),$(PYTHON) run.py experiment=$(3) seed=$(EXTRA_SEEDS) pruning=$(4) \
 	hydra.sweep.dir=$(REPRO)/$(1)_seeds &&) \
+$(if $(5),$(PYTHON) run.py experiment=$(3) seed=$(ALL_SEEDS) $(5) hydra.sweep.dir=$(REPRO)/$(1)_$(6) &&) \
 echo "reproduce-sample: $(2) curve took $$(( $$(date +%s) - start )) s (REPRO_SEEDS=$(REPRO_SEEDS))"
 rm -rf experiments/results/reproduce_$(1)
 $(PYTHON) scripts/collect_results.py $(REPRO)/$(1) $(if $(EXTRA_SEEDS),$(REPRO)/$(1)_seeds) \
 	--out experiments/results/reproduce_$(1) --keep-runs
+$(if $(5),$(PYTHON) scripts/collect_results.py $(REPRO)/$(1)_$(6) --out experiments/results/reproduce_$(1)/$(6) --keep-runs \
+	--paper none)
 endef
 
 reproduce-lm: install data
 	$(call reproduce,lm,LM,sweep_txl_sample,$(LM_CLAIM))
 
 reproduce-mt: install-fairseq data-wmt
-	$(call reproduce,mt,MT,sweep_wmt_kinds,$(MT_CLAIM))
+	$(call reproduce,mt,MT,sweep_wmt_kinds,$(MT_CLAIM),$(MT_DENSE_BEAM),dense_beam5)
 
 reproduce-glue: install-hf data-glue
 	$(call reproduce,glue,GLUE,sweep_glue_sample,$(GLUE_CLAIM))

@@ -22,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ap.config import check, pruning_config
 from conftest import CONF, ROOT, TINY
@@ -248,7 +248,8 @@ def test_reproduce_sample_reruns_the_claims_points_with_more_seeds(target):
     """Seed 0 runs the whole grid; seeds 1 and 2 rerun AP and random at the claim's sparsity and the next one up,
     settings of the grid (so collect averages them with seed 0's); REPRO_SEEDS=1 runs the grid alone."""
     preset, claim, above = REPRODUCE[target]
-    grid, extra = make_commands(target, "REPRO_SEEDS=3", "REPRO=out")
+    grid, extra, *dense_beam = make_commands(target, "REPRO_SEEDS=3", "REPRO=out")
+    assert len(dense_beam) == (target == "reproduce-mt")
     assert grid.split()[0] == extra.split()[0] == f"experiment={preset}" and "seed=" not in grid
     overrides = [o.strip("'") for o in extra.split() if not o.startswith("hydra.")]
     assert "seed=1,2" in overrides
@@ -263,7 +264,36 @@ def test_reproduce_sample_reruns_the_claims_points_with_more_seeds(target):
     assert points <= in_grid, points - in_grid
     if preset == "sweep_wmt_kinds":
         assert {k for _, _, k in points} == {("enc_self", "dec_self", "cross")}
-    assert make_commands(target, "REPRO_SEEDS=1", "REPRO=out") == [grid], "one seed: the grid alone"
+    single = make_commands(target, "REPRO_SEEDS=1", "REPRO=out")
+    assert single[0] == grid and len(single) == 1 + len(dense_beam), "one seed: the grid (and MT's dense decoding)"
+
+
+def test_reproduce_mt_decodes_each_seeds_dense_model_with_beam_5():
+    """The last MT sweep evaluates the grid's own dense models (the same dense stage key per seed, so the cache
+    reuses them) with task=wmt's beam 5, once per seed, without pruning or a dense+ft baseline."""
+    for seeds, variables in (({0, 1, 2}, ["REPRO_SEEDS=3"]), ({0}, ["REPRO_SEEDS=1"])):
+        grid, *_, last = make_commands("reproduce-mt", *variables, "REPRO=out")
+        overrides = [o.strip("'") for o in last.split() if not o.startswith("hydra.")]
+        params = compose_full(overrides[0]).hydra.sweeper.params
+        jobs = [compose_full(overrides[0], *job) for job in expand(params, overrides[1:])]
+        assert sorted(j.seed for j in jobs) == sorted(seeds), "one run per seed"
+        assert {(j.task.module.beam, j.pruning.sparsity, j.dense_finetune_baseline) for j in jobs} == {(5, 0.0, False)}
+        for job in jobs:
+            dense = compose_full(grid.split()[0], f"seed={job.seed}", "pruning=ap50")
+            assert dense_key(job) == dense_key(dense), "the grid's dense model, not another one"
+        assert dense_key(jobs[0]) != dense_key(compose_full(grid.split()[0], "seed=9")), "the key can tell seeds apart"
+
+
+def dense_key(cfg: DictConfig) -> str:
+    """The stage-cache key of a composed job's dense weights (neither the `hydra` node nor paths are part of it)."""
+    from ap.pipeline.cache import key_of
+    from ap.pipeline.keys import dense_identity
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.paths.output_dir = "run"  # (${hydra:runtime.output_dir} outside a Hydra app)
+    return key_of(dense_identity(cfg, pruning_config(cfg)))
 
 
 def test_command_line_replaces_a_grid_key_and_multiplies_by_new_ones():
