@@ -178,8 +178,13 @@ def test_max_sparsity_search_samples_ap_sparsities():
 @functools.lru_cache(maxsize=None)
 def job_configs(preset: str) -> list[DictConfig]:
     """The composed config of every job of a sweep preset, as each job composes it (cached: read, never change)."""
-    params = compose_full(f"experiment={preset}").hydra.sweeper.params
-    return [compose_full(f"experiment={preset}", *job) for job in expand(params, [])]
+    return sweep_jobs(f"experiment={preset}")
+
+
+def sweep_jobs(experiment: str, *cli: str) -> list[DictConfig]:
+    """Every job `run.py <experiment> <cli>` launches (the preset's grid and the command line), composed."""
+    params = compose_full(experiment).hydra.sweeper.params
+    return [compose_full(experiment, *job) for job in expand(params, list(cli))]
 
 
 @pytest.mark.parametrize("preset", SWEEPS)
@@ -243,6 +248,11 @@ def make_commands(target: str, *variables: str) -> list[str]:
     return [re.split(r"\s*(&&|;|\n)", command, maxsplit=1)[0] for command in text.split("run.py ")[1:]]
 
 
+def command_overrides(command: str) -> list[str]:
+    """A printed run.py command's overrides, shell quotes removed, without the `hydra.` ones (where runs go)."""
+    return [o.strip("'") for o in command.split() if not o.startswith("hydra.")]
+
+
 @pytest.mark.parametrize("target", sorted(REPRODUCE))
 def test_reproduce_sample_reruns_the_claims_points_with_more_seeds(target):
     """Seed 0 runs the whole grid; seeds 1 and 2 rerun AP and random at the claim's sparsity and the next one up,
@@ -251,10 +261,9 @@ def test_reproduce_sample_reruns_the_claims_points_with_more_seeds(target):
     grid, extra, *dense_beam = make_commands(target, "REPRO_SEEDS=3", "REPRO=out")
     assert len(dense_beam) == (target == "reproduce-mt")
     assert grid.split()[0] == extra.split()[0] == f"experiment={preset}" and "seed=" not in grid
-    overrides = [o.strip("'") for o in extra.split() if not o.startswith("hydra.")]
+    overrides = command_overrides(extra)
     assert "seed=1,2" in overrides
-    params = compose_full(f"experiment={preset}").hydra.sweeper.params
-    jobs = [compose_full(f"experiment={preset}", *job) for job in expand(params, overrides[1:])]
+    jobs = sweep_jobs(*overrides)
     points = {(pruning_config(j).policy.value, round(pruning_config(j).sparsity, 2), tuple(j.pruning.kinds))
               for j in jobs}
     assert {(p, s) for p, s, _ in points} == {(p, s) for p in ("ap", "random") for s in (claim, above)}
@@ -273,9 +282,7 @@ def test_reproduce_mt_decodes_each_seeds_dense_model_with_beam_5():
     reuses them) with task=wmt's beam 5, once per seed, without pruning or a dense+ft baseline."""
     for seeds, variables in (({0, 1, 2}, ["REPRO_SEEDS=3"]), ({0}, ["REPRO_SEEDS=1"])):
         grid, *_, last = make_commands("reproduce-mt", *variables, "REPRO=out")
-        overrides = [o.strip("'") for o in last.split() if not o.startswith("hydra.")]
-        params = compose_full(overrides[0]).hydra.sweeper.params
-        jobs = [compose_full(overrides[0], *job) for job in expand(params, overrides[1:])]
+        jobs = sweep_jobs(*command_overrides(last))
         assert sorted(j.seed for j in jobs) == sorted(seeds), "one run per seed"
         assert {(j.task.module.beam, j.pruning.sparsity, j.dense_finetune_baseline) for j in jobs} == {(5, 0.0, False)}
         for job in jobs:
